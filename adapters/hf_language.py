@@ -1,0 +1,124 @@
+"""A transformers VLM's language model as a vgt ``ARBackbone``: tokenizer, chat template, KV cache.
+
+Only the base text model is kept (no vision tower, no LM head): VGT reads its hidden states, never logits.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from pydantic import Field
+from torch import nn
+from transformers import AutoModel, AutoTokenizer, DynamicCache, PretrainedConfig
+
+from vgt_adapters.hf_common import PretrainedOptions, export_config, resolve_config, torch_dtype
+
+
+class LanguageOptions(PretrainedOptions):
+    tokenizer: str | None = Field(
+        None, description="hub id or folder of the tokenizer (default: `pretrained`; a byte-level one if neither)"
+    )
+    image_start_token: str | None = Field(None, description="appended to every prompt (default: the family's)")
+    use_chat_template: bool = Field(True, description="wrap prompts in the tokenizer's chat template as a user turn")
+    attn_implementation: str = Field("sdpa", description="sdpa, eager or flash_attention_2")
+    gradient_checkpointing: bool = False
+
+
+class HFLanguageBackbone(nn.Module):
+    """Base of VLM language backbones; subclasses set the classes and the image-start token."""
+
+    model_class: ClassVar[Any]
+    config_class: ClassVar[type[PretrainedConfig]]
+    default_image_start: ClassVar[str | None] = None
+
+    def __init__(self, options: LanguageOptions):
+        super().__init__()
+        self.options = options
+        self.config = resolve_config(options, self.config_class)
+        self.config.text_config._attn_implementation = options.attn_implementation
+        if options.pretrained is not None and options.load_weights:
+            vlm = self.model_class.from_pretrained(
+                options.pretrained,
+                config=self.config,
+                revision=options.revision,
+                dtype=torch_dtype(options.dtype) or torch.float32,
+                attn_implementation=options.attn_implementation,
+            )
+            self.lm = vlm.model.language_model
+            del vlm
+        else:
+            self.lm = AutoModel.from_config(self.config.text_config, attn_implementation=options.attn_implementation)
+            if options.dtype:
+                self.lm.to(torch_dtype(options.dtype))
+        if options.gradient_checkpointing:
+            self.lm.gradient_checkpointing_enable()
+        self.hidden_size = self.config.text_config.hidden_size
+        self.tokenizer = self._load_tokenizer(options)
+        start = options.image_start_token or self.default_image_start
+        vocab = self.tokenizer.get_vocab()
+        self.image_start_id = vocab.get(start) if start else None
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        if len(self.tokenizer) > self.lm.get_input_embeddings().num_embeddings:
+            raise ValueError(
+                f"tokenizer has {len(self.tokenizer)} tokens but the model embeds only "
+                f"{self.lm.get_input_embeddings().num_embeddings}"
+            )
+
+    @staticmethod
+    def _load_tokenizer(options: LanguageOptions) -> Any:
+        source = options.tokenizer or options.pretrained
+        if source is None:
+            from vgt_adapters.tokenizers import byte_level_tokenizer
+
+            return byte_level_tokenizer()
+        return AutoTokenizer.from_pretrained(source, revision=options.revision)
+
+    # -- ARBackbone ---------------------------------------------------------------------------------------------
+
+    def token_ids(self, prompt: str) -> list[int]:
+        if self.options.use_chat_template and self.tokenizer.chat_template:
+            ids = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=False
+            )
+        else:
+            ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        ids = list(ids)
+        if self.image_start_id is not None:
+            ids.append(self.image_start_id)
+        return ids
+
+    def embed_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = [self.token_ids(p) for p in prompts]
+        length = max(len(i) for i in ids)
+        device = self.lm.get_input_embeddings().weight.device
+        input_ids = torch.full((len(ids), length), self.pad_id, dtype=torch.long, device=device)
+        mask = torch.zeros((len(ids), length), dtype=torch.long, device=device)
+        for row, seq in enumerate(ids):  # left padding: every prompt ends where the image begins
+            input_ids[row, length - len(seq) :] = torch.tensor(seq, device=device)
+            mask[row, length - len(seq) :] = 1
+        return self.lm.get_input_embeddings()(input_ids), mask
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache: Any | None = None,
+    ) -> tuple[torch.Tensor, Any | None]:
+        out = self.lm(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=cache is not None,
+        )
+        return out.last_hidden_state, out.past_key_values
+
+    def new_cache(self) -> DynamicCache:
+        return DynamicCache(config=self.lm.config)
+
+    def export(self, folder: Path) -> dict:
+        self.tokenizer.save_pretrained(folder)
+        return export_config(self.config, folder, self.options, tokenizer=".")

@@ -1,0 +1,26 @@
+"""DC-AE (Chen et al., 2024, arXiv 2410.10733) decoder through diffusers ``AutoencoderDC``, f32c32 layout;
+VGT's default pixel decoder (paper Table 4)."""
+
+from __future__ import annotations
+
+from diffusers import AutoencoderDC
+
+from vgt_adapters.diffusers_decoder import DiffusersDecoder, DiffusersDecoderOptions
+from vgt_core import hookimpl
+
+
+class DCAEDecoder(DiffusersDecoder):
+    model_class = AutoencoderDC
+
+    def adapt(self, ae, latent_channels):
+        if ae.config.latent_channels != latent_channels:
+            raise ValueError(f"DC-AE takes {ae.config.latent_channels} latent channels, VGT-AE has {latent_channels}")
+        return ae
+
+    def native_upsample(self, config):
+        return 2 ** (len(config["decoder_block_out_channels"]) - 1)
+
+
+@hookimpl
+def vgt_register_decoders(register):
+    register("dcae", DCAEDecoder, DiffusersDecoderOptions, "DC-AE decoder (diffusers AutoencoderDC), resized to size")

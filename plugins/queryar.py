@@ -1,0 +1,150 @@
+"""QueryAR (paper §3.3): position queries interleaved with latents in a random order, decoded causally.
+
+Training sequence, per sample, with a fresh random order pi:
+    [prompt ..., Q_pi(1), z_pi(1), Q_pi(2), z_pi(2), ...]        (Q_i = query_i + P_i, z_i = latent_in(z_i) + P_i)
+and the hidden state at Q_pi(k) predicts z_pi(k). Generation with m tokens per step feeds, in one LM pass,
+the m latents drawn in the previous step and the next m queries, using the LM's KV cache:
+    [prompt, Q_g1] -> z_g1;  [z_g1, Q_g2] -> z_g2;  ...      (N/m passes)
+so each group of queries sees the earlier groups' queries and latents, but not each other's latents.
+
+Upstream trains on single [Q, z] pairs only, so at m > 1 the model meets m queries in a row that it never
+saw in training. ``train_group_sizes`` also shows it groups [Q_g (m queries), z_g (m latents)], the exact
+layout generation uses; with [1] (the default) training is upstream's.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from vgt_core import hookimpl
+from vgt_core.config import GenerationConfig
+from vgt_core.generator import PromptBatch, VGTGenerator, center_crop, guidance_at, position_ids_from
+from vgt_core.registry import Options
+
+
+class QueryAROptions(Options):
+    train_group_sizes: list[int] = Field(
+        [1], description="query group sizes shown in training, one drawn per sample ([1] = upstream)"
+    )
+    train_order: Literal["random", "raster"] = Field("random", description="order of positions in training")
+
+
+def step_sizes(total: int, tokens_per_step: int | list[int]) -> list[int]:
+    """How many tokens each generation step samples: ``m`` repeated (the last step takes the rest), or an
+    explicit schedule that must add up to the number of tokens."""
+    if isinstance(tokens_per_step, int):
+        if tokens_per_step < 1:
+            raise ValueError(f"tokens_per_step must be >= 1, got {tokens_per_step}")
+        full, rest = divmod(total, tokens_per_step)
+        return [tokens_per_step] * full + ([rest] if rest else [])
+    if sum(tokens_per_step) != total or min(tokens_per_step) < 1:
+        raise ValueError(f"tokens_per_step schedule {tokens_per_step} must be positive and add up to {total} tokens")
+    return list(tokens_per_step)
+
+
+def generation_order(rows: int, total: int, order: str, generator: torch.Generator) -> torch.Tensor:
+    """``(rows, total)`` position orders: a seeded random permutation per row, or raster."""
+    if order == "raster":
+        return torch.arange(total).expand(rows, total).clone()
+    return torch.stack([torch.randperm(total, generator=generator) for _ in range(rows)])
+
+
+class QueryAR(nn.Module):
+    def __init__(self, options: QueryAROptions):
+        super().__init__()
+        self.options = options
+
+    def setup(self, hidden_size: int, max_grid: int) -> None:
+        """The learnable query grid, upstream's ``max_metaquery`` (init N(0, 1/sqrt(D)))."""
+        self.query_grid = nn.Parameter(torch.randn(1, hidden_size, max_grid, max_grid) * hidden_size**-0.5)
+
+    def queries(self, generator: VGTGenerator, grid: tuple[int, int]) -> torch.Tensor:
+        return center_crop(self.query_grid, grid) + generator.positions(grid)  # (N, D)
+
+    # -- training -----------------------------------------------------------------------------------------------
+
+    def _layout(self, order: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slots of the image part for groups of ``group`` positions: position index and is-query flag,
+        each ``(rows, 2N)``: [Q_g, z_g] for every group g of the order."""
+        rows, n = order.shape
+        g = order.reshape(rows, n // group, 1, group).expand(rows, n // group, 2, group)
+        is_query = torch.tensor([True, False], device=order.device).view(1, 1, 2, 1).expand_as(g)
+        return g.reshape(rows, 2 * n), is_query.reshape(rows, 2 * n)
+
+    def training_targets(self, generator: VGTGenerator, tokens: torch.Tensor, grid, prompts: PromptBatch):
+        b, n, _ = tokens.shape
+        sizes = self.options.train_group_sizes
+        if any(n % m for m in sizes):
+            raise ValueError(f"train_group_sizes {sizes} must divide the {n} latent tokens")
+        device = tokens.device
+        if self.options.train_order == "raster":
+            order = torch.arange(n, device=device).expand(b, n)
+        else:
+            order = torch.rand(b, n, device=device).argsort(-1)
+        group = torch.tensor(sizes, device=device)[torch.randint(len(sizes), (b,), device=device)]
+        slot_pos = torch.empty(b, 2 * n, dtype=torch.long, device=device)
+        slot_query = torch.empty(b, 2 * n, dtype=torch.bool, device=device)
+        for m in group.unique().tolist():
+            rows = group == m
+            slot_pos[rows], slot_query[rows] = self._layout(order[rows], m)
+
+        positions = generator.positions(grid)  # (N, D)
+        queries = self.queries(generator, grid)
+        latents = generator.embed_latents(tokens, positions)  # (B, N, D)
+        picked = latents.gather(1, slot_pos[..., None].expand(-1, -1, latents.shape[-1]))
+        image = torch.where(slot_query[..., None], queries[slot_pos], picked)
+
+        embeds = torch.cat([prompts.embeds, image], dim=1)
+        mask = torch.cat([prompts.mask, torch.ones(b, 2 * n, dtype=prompts.mask.dtype, device=device)], dim=1)
+        hidden, _ = generator.backbone(embeds, mask, position_ids_from(mask))
+        hidden = hidden[:, prompts.embeds.shape[1] :]
+        read = hidden[slot_query].view(b, n, -1)  # the state at each query, in sequence order
+        target_pos = slot_pos[slot_query].view(b, n)
+        targets = tokens.gather(1, target_pos[..., None].expand(-1, -1, tokens.shape[-1]))
+        return read, targets, torch.ones(b, n, device=device)
+
+    # -- generation ---------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, generator: VGTGenerator, prompts: PromptBatch, grid, config: GenerationConfig, rng: torch.Generator):
+        rows = prompts.embeds.shape[0]
+        b = rows // 2 if prompts.guided else rows
+        n = grid[0] * grid[1]
+        device = prompts.embeds.device
+        order = generation_order(b, n, config.order, rng).to(device)
+        order_rows = torch.cat([order, order]) if prompts.guided else order  # both CFG branches share the order
+        positions, queries = generator.positions(grid), self.queries(generator, grid)
+        backbone = generator.backbone
+
+        out = torch.zeros(b, n, generator.latent_channels, device=device, dtype=positions.dtype)
+        cache = backbone.new_cache() if config.use_cache else None
+        mask, sequence = prompts.mask, prompts.embeds
+        pending: torch.Tensor | None = None  # the latents drawn in the last step, not yet fed to the LM
+        done = 0
+        for m in step_sizes(n, config.tokens_per_step):
+            idx = order_rows[:, done : done + m]
+            new = queries[idx]  # (rows, m, D)
+            if pending is not None:
+                new = torch.cat([pending, new], dim=1)
+            mask = torch.cat([mask, torch.ones(rows, new.shape[1], dtype=mask.dtype, device=device)], dim=1)
+            if cache is not None:
+                inputs = new if done else torch.cat([prompts.embeds, new], dim=1)
+                hidden, cache = backbone(inputs, mask, position_ids_from(mask)[:, -inputs.shape[1] :], cache)
+            else:  # reference path: the whole sequence again, every step
+                sequence = torch.cat([sequence, new], dim=1)
+                hidden, _ = backbone(sequence, mask, position_ids_from(mask))
+            z = generator.sample_tokens(hidden[:, -m:], prompts, config, guidance_at(config, done, m, n), rng)
+            out.scatter_(1, order[:, done : done + m, None].expand(-1, -1, z.shape[-1]), z.to(out.dtype))
+            z_rows = torch.cat([z, z]) if prompts.guided else z
+            pending = generator.embed_latents(z_rows, positions[idx])
+            done += m
+        return out
+
+
+@hookimpl
+def vgt_register_samplers(register):
+    register("queryar", QueryAR, QueryAROptions, "QueryAR: position queries, random order, KV-cached parallel decoding")

@@ -1,0 +1,58 @@
+"""Shared fixtures: tiny configs of the real transformers/diffusers classes, saved to temporary folders."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded in tests
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+hf_logging.disable_progress_bar()
+hf_logging.set_verbosity_error()
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def builtin_preset(name: str) -> dict:
+    """A preset of the repository's registry.yaml as a plain dict (to modify in a test)."""
+    return copy.deepcopy(yaml.safe_load((REPO / "registry.yaml").read_text())["presets"][name])
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def images():
+    torch.manual_seed(0)
+    return torch.rand(2, 3, 64, 64) * 2 - 1
+
+
+@pytest.fixture
+def register_plugin():
+    """Register throwaway plugin objects for one test; they are removed afterwards."""
+    from vgt_core.plugins import register_plugin as add, unregister_plugin
+
+    names = []
+
+    def register(plugin, name=None):
+        names.append(add(plugin, name=name))
+        return names[-1]
+
+    yield register
+    for name in names:
+        unregister_plugin(name)

@@ -1,0 +1,272 @@
+"""The ``vgt`` command. Each sub-command is a thin layer over the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from vgt_core.errors import VGTError
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int | None]] = {}
+
+
+def command(name: str) -> Callable:
+    def wrap(fn: Callable) -> Callable:
+        COMMANDS[name] = fn
+        return fn
+
+    return wrap
+
+
+def _overrides(pairs: list[str] | None) -> dict[str, Any]:
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise VGTError(f"--set expects KEY=VALUE (dotted key), got {pair!r}")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def _preset(args: argparse.Namespace):
+    from vgt_core.config import load_presets
+
+    return load_presets(args.registry).preset(args.preset, _overrides(args.set))
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2))
+
+
+# -- discovery ----------------------------------------------------------------------------------------------------
+
+
+@command("plugins")
+def cmd_plugins(args: argparse.Namespace) -> None:
+    from vgt_core.plugins import list_components
+
+    rows = [
+        {"kind": c.kind, "name": c.name, "package": c.package, "version": c.version, "plugin": c.plugin, "description": c.description}
+        for c in list_components()
+    ]
+    if args.json:
+        _print_json(rows)
+        return
+    for r in rows:
+        print(f"{r['kind']:9} {r['name']:16} {r['package']} {r['version']:8} {r['description']}")
+
+
+@command("presets")
+def cmd_presets(args: argparse.Namespace) -> None:
+    from vgt_core.config import load_presets
+
+    book = load_presets(args.registry)
+    if args.action == "show":
+        if not args.name:
+            raise VGTError("usage: vgt presets show NAME")
+        preset = book.preset(args.name).model_dump(mode="json")
+        print(json.dumps(preset, indent=2) if args.json else yaml.safe_dump(preset, sort_keys=False), end="" if not args.json else "\n")
+        return
+    rows = [{"name": n, "description": book.raw(n).get("description", ""), "source": book.source(n)} for n in book.names()]
+    matrices = [{"name": n, "base": m.base, "cells": list(m.expand()), "description": m.description} for n, (m, _) in sorted(book.matrices.items())]
+    if args.json:
+        _print_json({"presets": rows, "matrices": matrices})
+        return
+    for r in rows:
+        print(f"{r['name']:22} {r['description']}")
+    if matrices:
+        print("\nmatrices:")
+        for m in matrices:
+            print(f"  {m['name']:20} base {m['base']}, {len(m['cells'])} cells: {m['description']}")
+
+
+# -- VGT-AE -------------------------------------------------------------------------------------------------------
+
+
+@command("train-ae")
+def cmd_train_ae(args: argparse.Namespace) -> None:
+    from vgt_core.training.autoencoder import train_autoencoder
+
+    out = train_autoencoder(
+        _preset(args), args.out, stage=args.stage, data=args.data, steps=args.steps, init=args.init, resume=args.resume, progress=not args.quiet
+    )
+    print(f"VGT-AE stage {args.stage} saved to {out}")
+
+
+@command("eval-recon")
+def cmd_eval_recon(args: argparse.Namespace) -> None:
+    import torch
+
+    from vgt_core.autoencoder import VGTAutoencoder
+    from vgt_core.data import collate, open_dataset
+    from vgt_core.metrics import evaluate_reconstruction
+    from vgt_core.training.autoencoder import model_folder
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    ae = VGTAutoencoder.from_pretrained(model_folder(args.model), map_location=device)
+    loader = torch.utils.data.DataLoader(open_dataset(args.data, ae.image_size), batch_size=args.batch_size, collate_fn=collate)
+    result = evaluate_reconstruction(ae, loader, device, inception_weights=args.inception_weights, max_images=args.max_images, progress=not args.quiet)
+    if args.json:
+        _print_json(result)
+        return
+    print(f"images {result['n_images']} (skipped unreadable: {result['skipped']})")
+    print(f"PSNR {result['psnr']:.2f} dB   SSIM {result['ssim']:.4f}")
+    print(f"rFID {result['rfid']:.3f}" if result.get("rfid") is not None else f"rFID skipped: {result.get('rfid_note')}")
+
+
+# -- VGT-AR -------------------------------------------------------------------------------------------------------
+
+
+@command("cache-latents")
+def cmd_cache_latents(args: argparse.Namespace) -> None:
+    import torch
+
+    from vgt_core.autoencoder import VGTAutoencoder
+    from vgt_core.data import open_dataset
+    from vgt_core.latents import cache_latents
+    from vgt_core.training.autoencoder import model_folder
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    ae = VGTAutoencoder.from_pretrained(model_folder(args.autoencoder), map_location=device)
+    manifest = cache_latents(ae, open_dataset(args.data, ae.image_size), args.out, batch_size=args.batch_size, progress=not args.quiet)
+    print(f"cached {manifest['count']} latents of grid {manifest['grid']} to {args.out} (skipped unreadable: {manifest['skipped']})")
+
+
+@command("train-ar")
+def cmd_train_ar(args: argparse.Namespace) -> None:
+    from vgt_core.training.autoregressive import train_generator
+
+    out = train_generator(_preset(args), args.autoencoder, args.out, data=args.data, steps=args.steps, resume=args.resume, progress=not args.quiet)
+    print(f"VGT model saved to {out}")
+
+
+@command("generate")
+def cmd_generate(args: argparse.Namespace) -> None:
+    import torch
+
+    from vgt_core.pipeline import VGTPipeline
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    pipe = VGTPipeline.from_pretrained(args.model, device=device)
+    settings = {
+        key: value
+        for key, value in {
+            "tokens_per_step": args.tokens_per_step,
+            "guidance_scale": args.guidance_scale,
+            "guidance_schedule": args.guidance_schedule,
+            "num_sampling_steps": args.num_sampling_steps,
+            "solver": args.solver,
+            "temperature": args.temperature,
+            "order": args.order,
+            "seed": args.seed,
+        }.items()
+        if value is not None
+    }
+    images = pipe(args.prompt, progress=not args.quiet, **settings)
+    out = Path(args.out)
+    if len(images) == 1 and out.suffix.lower() == ".png":
+        out.parent.mkdir(parents=True, exist_ok=True)
+        images[0].save(out)
+        paths = [out]
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        paths = [out / f"{i:04d}.png" for i in range(len(images))]
+        for image, path in zip(images, paths):
+            image.save(path)
+    for prompt, path in zip(args.prompt, paths):
+        print(f"{path}\t{prompt}")
+
+
+# -- parser -------------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vgt", description="Visual Generation Tuning: a VLM that generates images")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+        return p
+
+    def preset_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--preset", required=True, help="a preset name (see `vgt presets`)")
+        p.add_argument("--registry", action="append", help="an extra registry.yaml (repeatable)")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a preset field, e.g. train_ae.stage1.lr=1e-4")
+
+    p = add("plugins", "list every registered component (kind, name, package, version)")
+    p.add_argument("--json", action="store_true")
+
+    p = add("presets", "list presets and ablation matrices, or show one preset")
+    p.add_argument("action", nargs="?", choices=["list", "show"], default="list")
+    p.add_argument("name", nargs="?")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--registry", action="append", help="an extra registry.yaml (repeatable)")
+
+    p = add("train-ae", "train a VGT-AE stage (1: reconstruction + distillation; 2: latent norm + noise)")
+    preset_args(p)
+    p.add_argument("--data", help="image folder, JSONL of {image, caption}, or tar shards (default: the preset's dataset)")
+    p.add_argument("--stage", type=int, choices=[1, 2], default=1)
+    p.add_argument("--out", required=True)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--init", help="stage 2: the stage-1 run folder")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+
+    p = add("eval-recon", "reconstruction metrics of a VGT-AE: PSNR, SSIM, rFID")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-images", type=int)
+    p.add_argument("--inception-weights", help="local pt_inception-2015-12-05 weights for rFID")
+    p.add_argument("--json", action="store_true")
+
+    p = add("cache-latents", "pre-compute VGT-AE latents for AR training")
+    p.add_argument("--autoencoder", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--batch-size", type=int, default=32)
+
+    p = add("train-ar", "train the generator (QueryAR or MAR on the VLM's language model)")
+    preset_args(p)
+    p.add_argument("--autoencoder", required=True, help="a VGT-AE folder (or train-ae run folder)")
+    p.add_argument("--data", help="images with captions, or a latent cache (default: the preset's dataset)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--resume", action="store_true")
+
+    p = add("generate", "generate images from prompts with a trained model")
+    p.add_argument("--model", required=True)
+    p.add_argument("--prompt", action="append", required=True, help="repeatable")
+    p.add_argument("--out", required=True, help="a .png for one prompt, else a folder")
+    p.add_argument("--tokens-per-step", type=int, help="position queries per LM pass (1, 4, 16, ...)")
+    p.add_argument("--guidance-scale", type=float)
+    p.add_argument("--guidance-schedule", choices=["constant", "increasing", "decreasing"])
+    p.add_argument("--num-sampling-steps", type=int)
+    p.add_argument("--solver", choices=["euler", "sde"])
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--order", choices=["random", "raster"])
+    p.add_argument("--seed", type=int)
+
+    from vgt_core.plugins import plugin_manager  # plugins may add commands of their own (see hookspecs)
+
+    for impl in plugin_manager().hook.vgt_add_commands.get_hookimpls():
+        impl.function(subparsers=sub, command=command)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args) or 0
+    except (VGTError, FileNotFoundError) as exc:
+        print(f"vgt {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,373 @@
+"""Configuration models (pydantic, unknown keys forbidden) and the loader of ``registry.yaml``.
+
+Validation has two stages, as in llm and timm: the models here check the structure of a preset (which
+component, which training recipe); each registered component then validates its own ``options`` with the
+model it registered. Every error names the file, the key path, the bad value and the allowed values.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import os
+import re
+import typing
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from vgt_core.errors import ConfigError, unknown_name_message
+
+BUILTIN_REGISTRY = Path(__file__).with_name("registry.yaml")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class ComponentSpec(Strict):
+    """A registered component by name, with the options its own model validates."""
+
+    name: str
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+LatentNorm = Literal["none", "layernorm", "batchnorm"]
+Precision = Literal["auto", "no", "bf16", "fp16"]
+
+
+class AEStage(Strict):
+    """One stage of VGT-AE training (paper §3.2; defaults are the released stage-1 recipe)."""
+
+    steps: int = Field(100_000, gt=0)
+    batch_size: int = Field(16, gt=0)
+    lr: float = Field(3e-4, gt=0)
+    end_lr: float = Field(1e-4, ge=0, description="floor of the cosine schedule")
+    warmup_steps: int = Field(3000, ge=0)
+    weight_decay: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float | None = 1.0
+    encoder_lr_mult: float = Field(0.5, ge=0, description="0 freezes the encoder (the paper's stage 2); 0.5 is upstream's")
+    latent_norm: LatentNorm = Field("none", description="layernorm: per position over channels (upstream code); batchnorm: per channel over the batch (paper text)")
+    noise_sigma: float = Field(0.0, ge=0, description="training noise z + a*eps with a ~ U[0, sigma] per sample")
+    mse_weight: float = 1.0
+    perceptual_weight: float = Field(1.1, ge=0, description="LPIPS weight (0 turns it off)")
+    perceptual_net: Literal["vgg", "alex", "squeeze"] = "vgg"
+    perceptual_backbone: Literal["pretrained", "random"] = Field(
+        "pretrained", description="torchvision ImageNet weights of the LPIPS backbone, or random (offline tests)"
+    )
+    gan_weight: float = Field(0.1, ge=0, description="fixed adversarial weight (no adaptive weight, as upstream)")
+    gan_start: int = Field(30_000, ge=0, description="generator and discriminator GAN losses start at this step")
+    disc_channels: int = 128
+    lecam_weight: float = Field(0.0, ge=0, description="LeCam regulariser of the discriminator (upstream 0.001)")
+    distill_weight: float = Field(1.0, ge=0, description="MSE to the frozen initial encoder's features")
+    ema_decay: float | None = None
+    gradient_checkpointing: bool = False
+    mixed_precision: Precision = "auto"
+    random_flip: bool = True
+    log_every: int = 50
+    sample_every: int = 1000
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 2
+    num_workers: int = 0
+    seed: int = 0
+
+
+def _stage2_defaults() -> AEStage:
+    return AEStage(
+        lr=1e-4, end_lr=1e-5, latent_norm="layernorm", noise_sigma=0.1, distill_weight=0.1, gan_start=10_000
+    )
+
+
+class AETraining(Strict):
+    stage1: AEStage = Field(default_factory=AEStage)
+    stage2: AEStage = Field(default_factory=_stage2_defaults)
+
+
+class ARTraining(Strict):
+    """QueryAR / MAR training (paper §4.1 and upstream's configs)."""
+
+    steps: int = Field(100_000, gt=0)
+    batch_size: int = Field(32, gt=0)
+    lr: float = Field(2e-4, gt=0)
+    end_lr: float = Field(1e-5, ge=0)
+    warmup_steps: int = Field(1000, ge=0)
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float | None = 1.0
+    ema_decay: float | None = 0.9999
+    prompt_dropout: float = Field(0.1, ge=0, le=1, description="probability of the unconditioned prompt (CFG)")
+    gradient_checkpointing: bool = False
+    mixed_precision: Precision = "auto"
+    log_every: int = 50
+    sample_every: int = 1000
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 2
+    num_workers: int = 0
+    seed: int = 0
+
+
+class GeneratorOptions(Strict):
+    """Structure of the generator around the backbone (upstream layout, §3 of reference/upstream.md)."""
+
+    head_depth: int = Field(12, gt=0, description="residual blocks of the flow-matching head")
+    head_width: int = Field(1536, gt=0)
+    head_batch_mul: int = Field(1, gt=0, description="t samples per token per step (MAR's diffusion_batch_mul)")
+    max_grid: int = Field(64, gt=0, description="side of the learnable position/query grids; larger latents fail")
+    time_shift: Union[float, Literal["auto"]] = Field(
+        "auto", description="training noise shift; auto = sqrt(h*w*C/4096) (dimension-adaptive)"
+    )
+    prompt_template: str = "Generate an image: {caption}"
+    uncond_prompt: str = Field("Generate an image.", description="the unconditioned branch of CFG")
+
+
+GuidanceSchedule = Literal["constant", "increasing", "decreasing"]
+
+
+class GenerationConfig(Strict):
+    """Sampling knobs (peers' names where they exist; see docs/generation.md)."""
+
+    tokens_per_step: Union[int, list[int]] = Field(1, description="m position queries per LM pass, or a schedule")
+    num_sampling_steps: int = Field(30, gt=0, description="ODE/SDE steps of the flow head per token group")
+    guidance_scale: float = Field(4.5, ge=0)
+    guidance_schedule: GuidanceSchedule = Field(
+        "constant", description="increasing: 1 -> scale (MAR's 'linear'); decreasing: scale -> 1 (upstream's 'linear')"
+    )
+    solver: Literal["euler", "sde"] = Field("euler", description="deterministic Euler ODE, or upstream's SDE")
+    time_shift: float = Field(1.0, gt=0, description="shift of the sampling time grid (1 = none, as upstream)")
+    temperature: float = Field(1.0, gt=0, description="scales the initial and SDE noise")
+    order: Literal["random", "raster"] = "random"
+    num_iter: int | None = Field(None, description="MAR: AR steps (default: tokens / tokens_per_step)")
+    seed: int | None = None
+    use_cache: bool = True
+
+
+class Preset(Strict):
+    """A full pairing: VGT-AE components, the AR side, and the training recipes."""
+
+    description: str = ""
+    encoder: ComponentSpec
+    decoder: ComponentSpec
+    image_size: int | None = Field(None, description="training/eval resolution (default: the encoder's)")
+    backbone: ComponentSpec | None = None
+    sampler: ComponentSpec | None = None
+    generator: GeneratorOptions = Field(default_factory=GeneratorOptions)
+    dataset: ComponentSpec | None = Field(None, description="a registered dataset used when no --data is given")
+    train_ae: AETraining = Field(default_factory=AETraining)
+    train_ar: ARTraining = Field(default_factory=ARTraining)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+
+
+class Matrix(Strict):
+    """An ablation matrix: a base preset and the fields to vary (dotted keys)."""
+
+    description: str = ""
+    base: str
+    axes: dict[str, list[Any]] = Field(default_factory=dict, description="cartesian product of dotted keys")
+    cells: dict[str, dict[str, Any]] = Field(default_factory=dict, description="named cells: label -> overrides")
+    metrics: list[str] = Field(default_factory=list, description="metrics to tabulate (default: all)")
+
+    def expand(self) -> dict[str, dict[str, Any]]:
+        """Cell label -> overrides, axes first (in order), then named cells."""
+        out: dict[str, dict[str, Any]] = {}
+        if self.axes:
+            keys = list(self.axes)
+            for values in itertools.product(*(self.axes[k] for k in keys)):
+                label = ",".join(f"{k.split('.')[-1]}={v}" for k, v in zip(keys, values))
+                out[label] = dict(zip(keys, values))
+        out.update(self.cells)
+        return out
+
+
+class RegistryFile(Strict):
+    presets: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    matrices: dict[str, Matrix] = Field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Error messages
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _fields_at(model: type[BaseModel] | None, loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model class that owns the last element of ``loc`` (to list its allowed keys)."""
+    for part in loc[:-1]:
+        if model is None:
+            return None
+        if isinstance(part, int) or part not in getattr(model, "model_fields", {}):
+            continue
+        model = _model_in(model.model_fields[part].annotation)
+    return model
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def format_validation_error(exc: ValidationError, model: type[BaseModel] | None, where: str) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = tuple(p for p in err["loc"] if not _is_union_tag(p))
+        path = ".".join(str(p) for p in loc) or "(top level)"
+        kind, value = err["type"], err.get("input")
+        if kind == "extra_forbidden":
+            owner = _fields_at(model, loc)
+            allowed = ", ".join(owner.model_fields) if owner is not None else "?"
+            msg = f"unknown key {loc[-1]!r}; allowed keys: {allowed}"
+        elif kind == "missing":
+            msg = "required key is missing"
+        elif kind == "literal_error":
+            msg = f"got {value!r}; allowed: {err['ctx']['expected']}"
+        else:
+            msg = f"{err['msg']} (got {value!r})"
+        lines.append(f"{where}: {path}: {msg}")
+    return "\n".join(lines)
+
+
+def _is_union_tag(part: Any) -> bool:
+    """pydantic puts the tried member of a Union into the error location (``int``, ``literal['auto']``)."""
+    return isinstance(part, str) and bool(re.fullmatch(r"int|float|str|bool|none|[a-z-]+\[.*\]", part))
+
+
+def validate_model(model: type[BaseModel], data: Any, where: str) -> Any:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, model, where)) from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Dotted overrides (matrices, CLI --set)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def apply_overrides(data: dict, overrides: dict[str, Any]) -> dict:
+    """A copy of ``data`` with ``{"a.b.c": value}`` set; intermediate dicts are created as needed."""
+    data = copy.deepcopy(data)
+    for dotted, value in overrides.items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {dotted!r}: {key!r} is not a mapping")
+        node[leaf] = copy.deepcopy(value)
+    return data
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The preset book: registry.yaml files + presets from plugins
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class PresetBook:
+    """Presets and matrices from registry files and plugins, validated on access."""
+
+    def __init__(self) -> None:
+        self._presets: dict[str, tuple[dict, str]] = {}
+        self.matrices: dict[str, tuple[Matrix, str]] = {}
+
+    def add_file(self, path: str | os.PathLike) -> None:
+        path = Path(path)
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"{path}: cannot read: {exc}") from None
+        parsed = validate_model(RegistryFile, raw, str(path))
+        for name, preset in parsed.presets.items():
+            self._presets[name] = (_resolve_paths(preset, path.parent), str(path))
+        for name, matrix in parsed.matrices.items():
+            self.matrices[name] = (matrix, str(path))
+
+    def add_preset(self, name: str, data: dict, source: str) -> None:
+        self._presets[name] = (data, source)
+
+    def names(self) -> list[str]:
+        return sorted(self._presets)
+
+    def source(self, name: str) -> str:
+        return self._get(name)[1]
+
+    def raw(self, name: str) -> dict:
+        return copy.deepcopy(self._get(name)[0])
+
+    def _get(self, name: str) -> tuple[dict, str]:
+        if name not in self._presets:
+            raise ConfigError(unknown_name_message("preset", name, self._presets))
+        return self._presets[name]
+
+    def preset(self, name: str, overrides: dict[str, Any] | None = None) -> Preset:
+        """The validated preset ``name`` (with dotted overrides), its components checked against the registry."""
+        data, source = self._get(name)
+        if overrides:
+            data = apply_overrides(data, overrides)
+        return check_preset(data, f"{source}: presets.{name}")
+
+    def matrix(self, name: str) -> Matrix:
+        if name not in self.matrices:
+            raise ConfigError(unknown_name_message("matrix", name, self.matrices))
+        return self.matrices[name][0]
+
+    def check_all(self) -> None:
+        """Validate every preset and every matrix cell (used by tests and ``vgt presets``)."""
+        for name in self.names():
+            self.preset(name)
+        for name, (matrix, source) in self.matrices.items():
+            if matrix.base not in self._presets:
+                raise ConfigError(f"{source}: matrices.{name}.base: " + unknown_name_message("preset", matrix.base, self._presets))
+            for label, overrides in matrix.expand().items():
+                data = apply_overrides(self._presets[matrix.base][0], overrides)
+                check_preset(data, f"{source}: matrices.{name} cell {label!r}")
+
+
+def check_preset(data: dict, where: str) -> Preset:
+    """Validate a preset's structure, then every component's name and options against the registry."""
+    from vgt_core.plugins import registry
+
+    preset = validate_model(Preset, data, where)
+    reg = registry()
+    for kind in ("encoder", "decoder", "backbone", "sampler", "dataset"):
+        spec: ComponentSpec | None = getattr(preset, kind)
+        if spec is None:
+            continue
+        component = reg.get(kind, spec.name, where=f"{where}.{kind}.name")
+        spec.options = component.validate(spec.options, where=f"{where}.{kind}.options").model_dump(mode="json")
+    return preset
+
+
+_PATH_KEYS = ("pretrained", "path", "root")
+
+
+def _resolve_paths(preset: dict, base: Path) -> dict:
+    """Make ``./relative`` paths in component options relative to the registry file, not the CWD."""
+    preset = copy.deepcopy(preset)
+    for spec in preset.values():
+        if isinstance(spec, dict) and isinstance(spec.get("options"), dict):
+            for key in _PATH_KEYS:
+                value = spec["options"].get(key)
+                if isinstance(value, str) and value.startswith(("./", "../")):
+                    spec["options"][key] = str((base / value).resolve())
+    return preset
+
+
+def load_presets(extra_files: list[str | os.PathLike] | None = None) -> PresetBook:
+    """The built-in ``registry.yaml``, files named in ``VGT_REGISTRY`` (os.pathsep-separated), ``extra_files``,
+    and presets registered by plugins; later sources override earlier ones of the same name."""
+    from vgt_core.plugins import registry
+
+    book = PresetBook()
+    book.add_file(BUILTIN_REGISTRY)
+    for name, (data, plugin) in registry().presets.items():
+        book.add_preset(name, data, f"plugin {plugin}")
+    env = [p for p in os.environ.get("VGT_REGISTRY", "").split(os.pathsep) if p]
+    for path in [*env, *(extra_files or [])]:
+        book.add_file(path)
+    return book

@@ -1,0 +1,169 @@
+"""The flow-matching head (paper §3.3) and its samplers.
+
+Written here because no maintained library ships MAR/NextStep-1's per-token MLP head with adaLN: a small
+MLP that predicts the velocity ``v(z_t, t, c)`` of one latent token from the LM's hidden state ``c``.
+Convention: t = 0 is noise, t = 1 is data; ``z_t = t*z + (1-t)*eps`` and the target velocity is ``z - eps``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10_000.0) -> torch.Tensor:
+    """Sinusoidal features of scalar times ``(M,)`` -> ``(M, dim)`` (t is scaled to [0, 1000])."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = (t.float() * 1000)[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale) + shift
+
+
+class _AdaLNBlock(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 3 * width))
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        shift, scale, gate = self.modulation(y).chunk(3, dim=-1)
+        return x + gate * self.mlp(_modulate(self.norm(x), shift, scale))
+
+
+class FlowHead(nn.Module):
+    """v(x_t, t, c): input projection, ``depth`` adaLN residual blocks conditioned on time + c, final adaLN
+    layer. Modulations and the output are zero-initialised, so the head starts by predicting 0."""
+
+    def __init__(self, channels: int, cond_dim: int, width: int, depth: int, time_dim: int = 256):
+        super().__init__()
+        self.time_dim = time_dim
+        self.input_proj = nn.Linear(channels, width)
+        self.time_embed = nn.Sequential(nn.Linear(time_dim, width), nn.SiLU(), nn.Linear(width, width))
+        self.cond_embed = nn.Linear(cond_dim, width)
+        self.blocks = nn.ModuleList(_AdaLNBlock(width) for _ in range(depth))
+        self.final_norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.final_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+        self.final = nn.Linear(width, channels)
+        self._init()
+
+    def _init(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        for m in self.time_embed:
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.modulation[-1].weight)
+            nn.init.zeros_(block.modulation[-1].bias)
+        for m in (self.final_modulation[-1], self.final):
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        y = self.time_embed(timestep_embedding(t, self.time_dim).to(x.dtype)) + self.cond_embed(cond)
+        h = self.input_proj(x)
+        for block in self.blocks:
+            h = block(h, y)
+        shift, scale = self.final_modulation(y).chunk(2, dim=-1)
+        return self.final(_modulate(self.final_norm(h), shift, scale))
+
+
+def shift_noise_level(sigma: torch.Tensor, shift: float) -> torch.Tensor:
+    """SD3's resolution shift of a noise level sigma = 1 - t; shift > 1 spends more time near noise."""
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
+def dimension_adaptive_shift(tokens: int, channels: int, reference: int = 4096) -> float:
+    """alpha = sqrt(m / n) with m = tokens * channels and n = 4096 (paper §3.3): sqrt(2) at 16x16x32."""
+    return math.sqrt(tokens * channels / reference)
+
+
+def flow_matching_loss(
+    head: FlowHead,
+    target: torch.Tensor,
+    cond: torch.Tensor,
+    *,
+    shift: float = 1.0,
+    batch_mul: int = 1,
+    weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mean over tokens of ||(z - eps) - v(z_t, t, c)||^2 (averaged over channels), t logit-normal and shifted.
+
+    ``target`` is ``(M, C)``, ``cond`` ``(M, D)``, ``weight`` ``(M,)`` selects the tokens that count.
+    ``batch_mul`` draws several (t, eps) per token to amortise the LM's cost (MAR's diffusion_batch_mul).
+    """
+    if batch_mul > 1:
+        target, cond = target.repeat(batch_mul, 1), cond.repeat(batch_mul, 1)
+        weight = weight.repeat(batch_mul) if weight is not None else None
+    sigma = shift_noise_level(torch.sigmoid(torch.randn(target.shape[0], device=target.device)), shift)
+    t = (1 - sigma)[:, None].to(target.dtype)
+    eps = torch.randn_like(target)
+    v = head(t * target + (1 - t) * eps, t[:, 0], cond)
+    per_token = (v.float() - (target - eps).float()).pow(2).mean(-1)
+    if weight is None:
+        return per_token.mean()
+    return (per_token * weight).sum() / weight.sum().clamp(min=1)
+
+
+Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@torch.no_grad()
+def solve_flow(
+    velocity: Velocity,
+    noise: torch.Tensor,
+    *,
+    steps: int,
+    solver: str = "euler",
+    time_shift: float = 1.0,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Integrate from noise (t=0) to data (t=1) with ``steps`` velocity evaluations.
+
+    ``euler``: the deterministic ODE. ``sde``: the Euler-Maruyama sampler of the released upstream code
+    (drift v + (1-t) * score, diffusion sqrt(2(1-t)); the last 0.04 of time is one deterministic step).
+    ``noise`` is standard normal; ``temperature`` scales it and the SDE's injected noise.
+    """
+    x = noise * temperature
+    if solver == "euler":
+        ts = 1 - shift_noise_level(1 - torch.linspace(0, 1, steps + 1, device=x.device), time_shift)
+        for t0, t1 in zip(ts[:-1], ts[1:]):
+            x = x + (t1 - t0) * velocity(x, t0.expand(x.shape[0]))
+        return x
+    if solver != "sde":
+        raise ValueError(f"unknown solver {solver!r}; allowed: 'euler', 'sde'")
+    last = 0.04
+    ts = 1 - shift_noise_level(1 - torch.linspace(0, 1 - last, steps, device=x.device), time_shift)
+    for t0, t1 in zip(ts[:-1], ts[1:]):
+        v = velocity(x, t0.expand(x.shape[0]))
+        score = (t0 * v - x) / (1 - t0)
+        dt = t1 - t0
+        eps = torch.randn(x.shape, generator=generator, device="cpu").to(x)
+        x = x + (v + (1 - t0) * score) * dt + torch.sqrt(2 * (1 - t0) * dt) * eps * temperature
+    t_end = ts[-1]
+    return x + (1 - t_end) * velocity(x, t_end.expand(x.shape[0]))
+
+
+def guided(head: FlowHead, cond: torch.Tensor, uncond: torch.Tensor | None, scale: float) -> Velocity:
+    """Classifier-free guidance on the velocity: v_u + scale * (v_c - v_u), both at the same x."""
+    if uncond is None or scale == 1.0:
+        return lambda x, t: head(x, t, cond)
+
+    def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        v = head(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, uncond]))
+        v_c, v_u = v.chunk(2)
+        return v_u + scale * (v_c - v_u)
+
+    return velocity

@@ -1,0 +1,275 @@
+"""VGT-AR (paper §3.3): the VLM's language model predicts VGT-AE latents through a sampler (QueryAR, MAR)
+and a flow-matching head.
+
+Laid out as the released upstream model, so that its checkpoints can be mapped onto it:
+    latent token   = latent_in(z_i) + P_i          (latent_in: Linear(C -> D); P: learnable position grid)
+    condition c_i  = latent_out(hidden state read for position i)   (Linear(D -> D))
+    head           = FlowHead(C, D, width, depth)
+Grids are learnable ``(1, D, G, G)`` maps center-cropped to the latent's ``h x w``, so any latent up to
+``max_grid`` works. The sampler owns its own parameters (QueryAR's query grid, MAR's mask token).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vgt_core.config import GenerationConfig, GeneratorOptions, LatentNorm
+from vgt_core.flow import FlowHead, dimension_adaptive_shift, flow_matching_loss, guided, solve_flow
+from vgt_core.serialization import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    atomic_folder,
+    load_weights,
+    read_json,
+    resolve_relative,
+    save_weights,
+    write_json,
+)
+
+FORMAT = "vgt-generator"
+
+
+@dataclass
+class PromptBatch:
+    """Left-padded prompt embeddings ``(R, T, D)`` and mask ``(R, T)``. With classifier-free guidance the
+    rows are ``[conditional..., unconditional...]`` and ``guided`` is True."""
+
+    embeds: torch.Tensor
+    mask: torch.Tensor
+    guided: bool = False
+
+
+def center_crop(grid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``(1, D, G, G)`` -> ``(h*w, D)``, the centre ``h x w`` window in raster order."""
+    g_h, g_w = grid.shape[-2:]
+    h, w = size
+    if h > g_h or w > g_w:
+        raise ValueError(f"latent grid {h}x{w} exceeds the generator's max_grid {g_h}x{g_w}")
+    top, left = (g_h - h) // 2, (g_w - w) // 2
+    return grid[0, :, top : top + h, left : left + w].flatten(1).transpose(0, 1)
+
+
+def position_ids_from(mask: torch.Tensor) -> torch.Tensor:
+    """1-D positions that skip padding: real tokens count 0, 1, 2, ... from each row's first real token."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def guidance_at(config: GenerationConfig, done: int, step: int, total: int) -> float:
+    """The CFG scale for a step that samples ``step`` tokens after ``done`` of ``total``.
+
+    ``increasing`` ramps 1 -> scale (MAR's "linear"); ``decreasing`` ramps scale -> 1 (NextStep's and upstream's
+    "linear"); ``constant`` keeps the scale.
+    """
+    s = config.guidance_scale
+    if config.guidance_schedule == "increasing":
+        return 1 + (s - 1) * (done + step) / total
+    if config.guidance_schedule == "decreasing":
+        return 1 + (s - 1) * (total - done) / total
+    return s
+
+
+class VGTGenerator(nn.Module):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        sampler: nn.Module,
+        *,
+        backbone_spec: dict,
+        sampler_spec: dict,
+        latent_channels: int = 32,
+        latent_norm: LatentNorm = "layernorm",
+        options: GeneratorOptions | None = None,
+    ):
+        super().__init__()
+        options = options or GeneratorOptions()
+        d = backbone.hidden_size
+        self.backbone = backbone
+        self.sampler = sampler
+        self.options = options
+        self.backbone_spec, self.sampler_spec = backbone_spec, sampler_spec
+        self.latent_channels = latent_channels
+        self.latent_norm = latent_norm
+        self.latent_in = nn.Linear(latent_channels, d)
+        self.position_grid = nn.Parameter(torch.empty(1, d, options.max_grid, options.max_grid))
+        self.latent_out = nn.Linear(d, d)
+        self.head = FlowHead(latent_channels, d, options.head_width, options.head_depth)
+        for linear in (self.latent_in, self.latent_out):
+            nn.init.normal_(linear.weight, std=0.02)
+            nn.init.zeros_(linear.bias)
+        nn.init.trunc_normal_(self.position_grid, std=0.02)
+        sampler.setup(d, options.max_grid)
+
+    @classmethod
+    def from_specs(
+        cls,
+        backbone: dict,
+        sampler: dict,
+        *,
+        latent_channels: int = 32,
+        latent_norm: LatentNorm = "layernorm",
+        options: GeneratorOptions | dict | None = None,
+    ) -> VGTGenerator:
+        from vgt_core.plugins import registry
+
+        reg = registry()
+        return cls(
+            reg.build("backbone", backbone["name"], backbone.get("options")),
+            reg.build("sampler", sampler["name"], sampler.get("options")),
+            backbone_spec=dict(backbone),
+            sampler_spec=dict(sampler),
+            latent_channels=latent_channels,
+            latent_norm=latent_norm,
+            options=GeneratorOptions.model_validate(options or {}),
+        )
+
+    # -- pieces the samplers use --------------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return self.latent_in.weight.device
+
+    def positions(self, grid: tuple[int, int]) -> torch.Tensor:
+        """Position embeddings ``(h*w, D)`` of the latent grid, raster order."""
+        return center_crop(self.position_grid, grid)
+
+    def embed_latents(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """LM inputs for latent tokens ``(R, n, C)`` at embedded positions ``(R, n, D)``."""
+        return self.latent_in(tokens) + positions
+
+    def renormalize(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Sampled latents back onto the AE's latent manifold (per-token LayerNorm when the AE uses it)."""
+        if self.latent_norm == "layernorm":
+            return torch.nn.functional.layer_norm(tokens, (self.latent_channels,), eps=1e-6)
+        return tokens
+
+    def embed_prompts(self, captions: list[str], uncond: torch.Tensor | None = None, guided: bool = False) -> PromptBatch:
+        """Captions through the prompt template; rows flagged in ``uncond`` (training dropout) get the
+        unconditioned prompt; ``guided`` appends an unconditioned row per caption for CFG."""
+        texts = [
+            self.options.uncond_prompt if uncond is not None and bool(uncond[i]) else self.options.prompt_template.format(caption=c)
+            for i, c in enumerate(captions)
+        ]
+        if guided:
+            texts += [self.options.uncond_prompt] * len(captions)
+        embeds, mask = self.backbone.embed_prompts(texts)
+        return PromptBatch(embeds, mask, guided)
+
+    def sample_tokens(
+        self,
+        hidden: torch.Tensor,
+        prompts: PromptBatch,
+        config: GenerationConfig,
+        scale: float,
+        generator: torch.Generator,
+    ) -> torch.Tensor:
+        """Solve the flow head for every token whose LM state is in ``hidden`` ``(R, m, D)``; with CFG the
+        rows are [cond, uncond] and the result has R/2 rows. Returns renormalised latents ``(B, m, C)``."""
+        cond = self.latent_out(hidden)
+        rows, m, d = cond.shape
+        if prompts.guided:
+            c, u = cond[: rows // 2].reshape(-1, d), cond[rows // 2 :].reshape(-1, d)
+        else:
+            c, u = cond.reshape(-1, d), None
+        noise = torch.randn((c.shape[0], self.latent_channels), generator=generator).to(c)
+        x = solve_flow(
+            guided(self.head, c, u, scale),
+            noise,
+            steps=config.num_sampling_steps,
+            solver=config.solver,
+            time_shift=config.time_shift,
+            temperature=config.temperature,
+            generator=generator,
+        )
+        return self.renormalize(x.reshape(-1, m, self.latent_channels))
+
+    # -- training and generation ---------------------------------------------------------------------------------
+
+    def training_shift(self, grid: tuple[int, int]) -> float:
+        if self.options.time_shift == "auto":
+            return dimension_adaptive_shift(grid[0] * grid[1], self.latent_channels)
+        return float(self.options.time_shift)
+
+    def forward(self, latents: torch.Tensor, captions: list[str], uncond: torch.Tensor | None = None) -> torch.Tensor:
+        """The flow-matching loss of a batch of clean latents ``(B, C, h, w)`` given their captions."""
+        grid = tuple(latents.shape[-2:])
+        tokens = latents.flatten(2).transpose(1, 2)  # (B, N, C), raster order
+        prompts = self.embed_prompts(captions, uncond)
+        hidden, targets, weight = self.sampler.training_targets(self, tokens, grid, prompts)
+        return flow_matching_loss(
+            self.head,
+            targets.reshape(-1, self.latent_channels),
+            self.latent_out(hidden).reshape(-1, hidden.shape[-1]),
+            shift=self.training_shift(grid),
+            batch_mul=self.options.head_batch_mul,
+            weight=weight.reshape(-1).to(targets.dtype),
+        )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        captions: list[str],
+        grid: tuple[int, int],
+        config: GenerationConfig | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Latents ``(B, C, h, w)`` for ``captions``; the same ``config.seed`` gives the same latents."""
+        config = config or GenerationConfig()
+        if generator is None:
+            seed = config.seed if config.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
+            generator = torch.Generator().manual_seed(seed)
+        use_cfg = config.guidance_scale != 1.0
+        prompts = self.embed_prompts(captions, guided=use_cfg)
+        tokens = self.sampler.generate(self, prompts, grid, config, generator)
+        return tokens.transpose(1, 2).reshape(len(captions), self.latent_channels, *grid)
+
+    # -- persistence --------------------------------------------------------------------------------------------
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "backbone": self.backbone_spec,
+            "sampler": self.sampler_spec,
+            "latent_channels": self.latent_channels,
+            "latent_norm": self.latent_norm,
+            "options": self.options.model_dump(mode="json"),
+        }
+
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        with atomic_folder(folder) as tmp:
+            self.write_into(tmp)
+
+    def write_into(self, folder: Path) -> None:
+        config = self.config()
+        sub = folder / "backbone"
+        sub.mkdir(exist_ok=True)
+        if hasattr(self.backbone, "export"):
+            config["backbone"] = {"name": self.backbone_spec["name"], "options": self.backbone.export(sub)}
+        write_json(folder / CONFIG_NAME, config)
+        save_weights(self, folder / WEIGHTS_NAME)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike, map_location: str | torch.device = "cpu") -> VGTGenerator:
+        folder = Path(folder)
+        config = read_json(folder / CONFIG_NAME)
+        if config.get("format") != FORMAT:
+            raise ValueError(f"{folder}: not a VGT generator folder (format {config.get('format')!r})")
+        backbone = {
+            "name": config["backbone"]["name"],
+            "options": resolve_relative(config["backbone"]["options"], folder / "backbone"),
+        }
+        model = cls.from_specs(
+            backbone,
+            config["sampler"],
+            latent_channels=config["latent_channels"],
+            latent_norm=config["latent_norm"],
+            options=config["options"],
+        )
+        model.backbone_spec = config["backbone"]
+        load_weights(model, folder / WEIGHTS_NAME)
+        return model.to(map_location).eval()

@@ -1,0 +1,133 @@
+"""Folders of safetensors + JSON, written atomically; nested training state without pickle.
+
+Model folders hold ``config.json`` and ``model.safetensors``. Training checkpoints (optimizer, EMA,
+RNG) are nested dicts/lists of tensors and numbers: tensors go to safetensors, the rest to a JSON skeleton,
+so that nothing is ever unpickled on load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors.torch import load_file, save_file
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+@contextmanager
+def atomic_folder(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling folder; on success it replaces ``target`` in one rename.
+
+    A run killed while writing leaves at worst a ``.tmp-*`` folder, never a half-written ``target``.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".tmp-{target.name}-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        yield tmp
+        if target.exists():
+            old = target.with_name(f".old-{target.name}-{uuid.uuid4().hex[:8]}")
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    Path(path).write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def save_weights(module: torch.nn.Module, path: str | os.PathLike) -> None:
+    state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    save_file(_untie(state), str(path))
+
+
+def _untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors that share memory (tied weights); store each once as its own copy."""
+    seen: set[int] = set()
+    out = {}
+    for k, v in state.items():
+        ptr = v.data_ptr()
+        out[k] = v.clone() if ptr in seen and v.numel() else v
+        seen.add(ptr)
+    return out
+
+
+def load_weights(module: torch.nn.Module, path: str | os.PathLike, strict: bool = True) -> None:
+    state = load_file(str(path))
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    if strict and (missing or unexpected):
+        raise RuntimeError(
+            f"{path}: weights do not match the model: missing {sorted(missing)[:8]}, unexpected {sorted(unexpected)[:8]}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Nested state (optimizer, EMA, RNG, counters) without pickle
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def save_tree(tree: Any, folder: str | os.PathLike, name: str) -> None:
+    """Save a nested structure of dicts, lists, tensors and JSON scalars as ``name.safetensors`` + ``name.json``."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def encode(node: Any) -> Any:
+        if isinstance(node, torch.Tensor):
+            key = str(len(tensors))
+            tensors[key] = node.detach().cpu().contiguous()
+            return {"__tensor__": key}
+        if isinstance(node, dict):
+            return {"__dict__": [[encode(k), encode(v)] for k, v in node.items()]}
+        if isinstance(node, (list, tuple)):
+            return {"__list__": [encode(v) for v in node], "tuple": isinstance(node, tuple)}
+        if node is None or isinstance(node, (bool, int, float, str)):
+            return node
+        raise TypeError(f"cannot save {type(node).__name__} in a checkpoint tree")
+
+    skeleton = encode(tree)
+    save_file(tensors, str(Path(folder) / f"{name}.safetensors"))
+    write_json(Path(folder) / f"{name}.json", skeleton)
+
+
+def load_tree(folder: str | os.PathLike, name: str) -> Any:
+    tensors = load_file(str(Path(folder) / f"{name}.safetensors"))
+
+    def decode(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "__tensor__" in node:
+                return tensors[node["__tensor__"]]
+            if "__dict__" in node:
+                return {decode(k): decode(v) for k, v in node["__dict__"]}
+            if "__list__" in node:
+                items = [decode(v) for v in node["__list__"]]
+                return tuple(items) if node.get("tuple") else items
+        return node
+
+    return decode(read_json(Path(folder) / f"{name}.json"))
+
+
+def resolve_relative(options: dict, base: Path, keys: tuple[str, ...] = ("pretrained", "tokenizer")) -> dict:
+    """Options exported by a component name sub-folders of the model folder; make them absolute."""
+    options = dict(options)
+    for key in keys:
+        value = options.get(key)
+        if isinstance(value, str) and not os.path.isabs(value) and (base / value).exists():
+            options[key] = str(base / value)
+    return options

@@ -1,0 +1,226 @@
+"""VGT-AE training, both stages (paper §3.2; upstream's recipe, with its deviations named in config).
+
+Stage 1: MSE + LPIPS + GAN (hinge, fixed weight, from ``gan_start``) + distill * MSE(E(x), E_teacher(x)), the
+teacher being a frozen copy of the encoder as it was when stage 1 began.
+Stage 2 (``--init`` a stage-1 run): latent normalisation + noise; the same losses with the stage-2 weights.
+The encoder learns at ``encoder_lr_mult`` x the LR; 0 freezes it (the paper), 0.5 is the released code.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers.training_utils import EMAModel
+from torchvision.utils import save_image
+
+from vgt_core.autoencoder import VGTAutoencoder
+from vgt_core.config import AEStage, Preset
+from vgt_core.data import make_loader, open_dataset
+from vgt_core.losses import LeCam, PatchDiscriminator, PerceptualLoss, hinge_d_loss, hinge_g_loss
+from vgt_core.serialization import load_weights, save_weights
+from vgt_core.training.run import (
+    TrainingRun,
+    cosine_with_warmup,
+    enable_gradient_checkpointing,
+    optimizer_groups,
+)
+
+TEACHER = "teacher.safetensors"
+
+
+def model_folder(path: str | Path) -> Path:
+    """Accept a run folder (``OUT``) or the model folder inside it (``OUT/model``)."""
+    path = Path(path)
+    return path / "model" if (path / "model" / "config.json").exists() else path
+
+
+def train_autoencoder(
+    preset: Preset,
+    out_dir: str | Path,
+    *,
+    stage: int = 1,
+    data: Any = None,
+    steps: int | None = None,
+    init: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Train one VGT-AE stage; returns the folder of the trained model (``OUT/model``)."""
+    if stage not in (1, 2):
+        raise ValueError(f"stage must be 1 or 2, got {stage}")
+    cfg: AEStage = preset.train_ae.stage1 if stage == 1 else preset.train_ae.stage2
+    if steps is not None:
+        cfg = cfg.model_copy(update={"steps": steps})
+    torch.manual_seed(cfg.seed)
+    run = TrainingRun(out_dir, precision=cfg.mixed_precision, resume=resume, progress=progress, preset=preset.model_dump(mode="json"))
+
+    # -- model, teacher ----------------------------------------------------------------------------------------
+    if init is not None:
+        ae = VGTAutoencoder.from_pretrained(model_folder(init))
+        teacher_file = Path(init) / TEACHER
+    elif stage == 2:
+        raise ValueError("stage 2 starts from a stage-1 run: pass init=<stage-1 output folder>")
+    else:
+        ae = VGTAutoencoder.from_specs(preset.encoder.model_dump(), preset.decoder.model_dump(), image_size=preset.image_size)
+        teacher_file = None
+    ae.set_latent_regularization(cfg.latent_norm, cfg.noise_sigma)
+    # The teacher is the encoder as it was before any VGT-AE training: saved by stage 1, passed on by --init.
+    if resume and (run.out / TEACHER).exists():
+        teacher_file = run.out / TEACHER
+    teacher = copy.deepcopy(ae.encoder)
+    if teacher_file is not None and teacher_file.exists():
+        load_weights(teacher, teacher_file)
+    teacher.requires_grad_(False).eval()
+    if run.accelerator.is_main_process and teacher_file != run.out / TEACHER:
+        save_weights(teacher, run.out / TEACHER)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(ae)
+
+    # -- optimisation ------------------------------------------------------------------------------------------
+    if cfg.encoder_lr_mult == 0:
+        ae.encoder.requires_grad_(False)  # frozen: not even weight decay may touch it
+    encoder_ids = {id(p) for p in ae.encoder.parameters()}
+    groups = optimizer_groups(((n, p) for n, p in ae.named_parameters() if id(p) not in encoder_ids), cfg.weight_decay)
+    for group in optimizer_groups(ae.encoder.named_parameters(), cfg.weight_decay):
+        groups.append({**group, "lr": cfg.lr * cfg.encoder_lr_mult})
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+    schedule = cosine_with_warmup(optimizer, cfg.warmup_steps, cfg.steps, cfg.end_lr / cfg.lr)
+    use_gan = cfg.gan_weight > 0
+    disc = PatchDiscriminator(cfg.disc_channels) if use_gan else None
+    disc_opt = torch.optim.AdamW(disc.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay) if use_gan else None
+    disc_schedule = cosine_with_warmup(disc_opt, cfg.warmup_steps, cfg.steps, cfg.end_lr / cfg.lr) if use_gan else None
+    lecam = LeCam() if use_gan and cfg.lecam_weight > 0 else None
+    perceptual = PerceptualLoss(cfg.perceptual_net, cfg.perceptual_backbone) if cfg.perceptual_weight > 0 else None
+    ema = EMAModel(ae.parameters(), decay=cfg.ema_decay) if cfg.ema_decay else None
+
+    dataset = open_dataset(data if data is not None else _named_dataset(preset), ae.image_size, random_flip=cfg.random_flip)
+    modules = {"model": ae, **({"disc": disc} if use_gan else {}), **({"lecam": lecam} if lecam is not None else {})}
+    state = run.load_latest(modules) if resume else None
+    start = 0
+    sampler_state = None
+    if state is not None:
+        start = state["step"]
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        sampler_state = state["sampler"]
+        if use_gan:
+            disc_opt.load_state_dict(state["disc_optimizer"])
+            disc_schedule.load_state_dict(state["disc_schedule"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+    loader, sampler = make_loader(dataset, cfg.batch_size, cfg.seed, num_workers=cfg.num_workers, start_state=sampler_state)
+
+    acc = run.accelerator
+    ae, optimizer = acc.prepare(ae, optimizer)
+    teacher.to(acc.device)
+    if use_gan:
+        disc, disc_opt = acc.prepare(disc, disc_opt)
+    if perceptual is not None:
+        perceptual.to(acc.device)
+    if lecam is not None:
+        lecam.to(acc.device)
+    if ema is not None:
+        ema.to(acc.device)
+    raw = acc.unwrap_model(ae)
+
+    # -- loop --------------------------------------------------------------------------------------------------
+    run.start_progress(cfg.steps, start, f"VGT-AE stage {stage}")
+    batches = iter(loader)
+    skipped_total = 0
+    ae.train()
+    for step in range(start + 1, cfg.steps + 1):
+        batch = next(batches)
+        skipped_total += batch["skipped"]
+        images = batch["images"].to(acc.device)
+        gan_on = use_gan and step > cfg.gan_start
+
+        with acc.autocast():
+            out = ae(images)
+            recon = out["reconstruction"]
+            losses = {"mse": F.mse_loss(recon.float(), images.float())}
+            total = cfg.mse_weight * losses["mse"]
+            if perceptual is not None:
+                losses["lpips"] = perceptual(recon, images)
+                total = total + cfg.perceptual_weight * losses["lpips"]
+            if cfg.distill_weight > 0:
+                with torch.no_grad():
+                    target = teacher(images)
+                losses["distill"] = F.mse_loss(out["features"].float(), target.float())
+                total = total + cfg.distill_weight * losses["distill"]
+            if gan_on:
+                disc.requires_grad_(False)
+                losses["gan_g"] = hinge_g_loss(disc(recon))
+                total = total + cfg.gan_weight * losses["gan_g"]
+        acc.backward(total)
+        if cfg.grad_clip:
+            acc.clip_grad_norm_(ae.parameters(), cfg.grad_clip)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        if use_gan:
+            if gan_on:
+                disc.requires_grad_(True)
+                with acc.autocast():
+                    real, fake = disc(images), disc(recon.detach())
+                    losses["gan_d"] = hinge_d_loss(real, fake)
+                    d_total = losses["gan_d"]
+                    if lecam is not None:
+                        losses["lecam"] = lecam(real, fake)
+                        d_total = d_total + cfg.lecam_weight * losses["lecam"]
+                acc.backward(d_total)
+                disc_opt.step()
+                disc_opt.zero_grad(set_to_none=True)
+            disc_schedule.step()
+        if ema is not None:
+            ema.step(raw.parameters())
+
+        scalars = {k: float(v.detach()) for k, v in losses.items()}
+        run.advance(scalars)
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            run.log(step, {**scalars, "loss": float(total.detach()), "lr": schedule.get_last_lr()[0], "skipped_images": skipped_total})
+        if step % cfg.sample_every == 0 or step == cfg.steps:
+            _save_grid(run, step, images, recon)
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            train_state = {
+                "optimizer": optimizer.state_dict(),
+                "schedule": schedule.state_dict(),
+                "sampler": sampler.state_dict(),
+                **({"ema": ema.state_dict()} if ema is not None else {}),
+                **({"disc_optimizer": disc_opt.state_dict(), "disc_schedule": disc_schedule.state_dict()} if use_gan else {}),
+            }
+            run.save_checkpoint(step, modules, train_state, cfg.keep_checkpoints)
+
+    # -- export ------------------------------------------------------------------------------------------------
+    if ema is not None:
+        ema.copy_to(raw.parameters())
+    raw.eval()
+    if acc.is_main_process:
+        raw.save_pretrained(run.out / "model")
+    if skipped_total:
+        print(f"VGT-AE stage {stage}: skipped {skipped_total} unreadable images")
+    run.finish()
+    return run.out / "model"
+
+
+def _named_dataset(preset: Preset) -> Any:
+    if preset.dataset is None:
+        raise ValueError("no training data: pass --data PATH or give the preset a `dataset`")
+    from vgt_core.plugins import registry
+
+    return registry().build("dataset", preset.dataset.name, preset.dataset.options)
+
+
+@torch.no_grad()
+def _save_grid(run: TrainingRun, step: int, images: torch.Tensor, recon: torch.Tensor, n: int = 8) -> None:
+    """Originals on top, reconstructions below."""
+    if not run.accelerator.is_main_process:
+        return
+    folder = run.out / "samples"
+    folder.mkdir(exist_ok=True)
+    grid = torch.cat([images[:n], recon[:n].clamp(-1, 1)]).float().cpu()
+    save_image((grid + 1) / 2, folder / f"step-{step:08d}.png", nrow=min(n, images.shape[0]))

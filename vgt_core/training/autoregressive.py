@@ -1,0 +1,141 @@
+"""VGT-AR training: the VLM's language model learns to predict VGT-AE latents (paper §3.3, §4.1).
+
+Latents come from a latent cache (``vgt cache-latents``) or are encoded on the fly by the frozen VGT-AE.
+The result is a pipeline folder (``OUT/model``: autoencoder + generator + default generation settings).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers.training_utils import EMAModel
+from torchvision.utils import save_image
+
+from vgt_core.autoencoder import VGTAutoencoder
+from vgt_core.config import Preset
+from vgt_core.data import make_loader, open_dataset
+from vgt_core.generator import VGTGenerator
+from vgt_core.latents import LatentDataset, collate_latents, is_latent_cache
+from vgt_core.pipeline import VGTPipeline
+from vgt_core.training.autoencoder import _named_dataset, model_folder
+from vgt_core.training.run import TrainingRun, cosine_with_warmup, enable_gradient_checkpointing, optimizer_groups
+
+
+def build_generator(preset: Preset, autoencoder: VGTAutoencoder) -> VGTGenerator:
+    """The preset's backbone and sampler around the autoencoder's latent (any AE pairs with any LM)."""
+    if preset.backbone is None or preset.sampler is None:
+        raise ValueError("the preset names no backbone/sampler: it cannot train a generator")
+    return VGTGenerator.from_specs(
+        preset.backbone.model_dump(),
+        preset.sampler.model_dump(),
+        latent_channels=autoencoder.latent_channels,
+        latent_norm=autoencoder.latent_norm.kind,
+        options=preset.generator,
+    )
+
+
+def train_generator(
+    preset: Preset,
+    autoencoder: str | Path,
+    out_dir: str | Path,
+    *,
+    data: Any = None,
+    steps: int | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Train the generator of ``preset`` on latents of ``autoencoder``; returns ``OUT/model``."""
+    cfg = preset.train_ar if steps is None else preset.train_ar.model_copy(update={"steps": steps})
+    torch.manual_seed(cfg.seed)
+    run = TrainingRun(out_dir, precision=cfg.mixed_precision, resume=resume, progress=progress, preset=preset.model_dump(mode="json"))
+    ae = VGTAutoencoder.from_pretrained(model_folder(autoencoder)).requires_grad_(False).eval()
+    gen = build_generator(preset, ae)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(gen.backbone)
+
+    cached = is_latent_cache(data)
+    if cached:
+        dataset, collate = LatentDataset(data), collate_latents
+        if tuple(dataset.manifest["grid"]) != tuple(ae.grid) or dataset.manifest["channels"] != ae.latent_channels:
+            raise ValueError(f"{data}: latents of grid {dataset.manifest['grid']} do not match the autoencoder's {list(ae.grid)}")
+    else:
+        dataset, collate = open_dataset(data if data is not None else _named_dataset(preset), ae.image_size), None
+
+    optimizer = torch.optim.AdamW(optimizer_groups(gen.named_parameters(), cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+    schedule = cosine_with_warmup(optimizer, cfg.warmup_steps, cfg.steps, cfg.end_lr / cfg.lr)
+    ema = EMAModel(gen.parameters(), decay=cfg.ema_decay) if cfg.ema_decay else None
+    state = run.load_latest({"model": gen}) if resume else None
+    start, sampler_state = 0, None
+    if state is not None:
+        start, sampler_state = state["step"], state["sampler"]
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+    loader, sampler = make_loader(dataset, cfg.batch_size, cfg.seed, num_workers=cfg.num_workers, start_state=sampler_state, collate_fn=collate)
+
+    acc = run.accelerator
+    gen, optimizer = acc.prepare(gen, optimizer)
+    ae.to(acc.device)
+    if ema is not None:
+        ema.to(acc.device)
+    raw = acc.unwrap_model(gen)
+
+    run.start_progress(cfg.steps, start, "VGT-AR")
+    batches = iter(loader)
+    skipped_total = 0
+    gen.train()
+    for step in range(start + 1, cfg.steps + 1):
+        batch = next(batches)
+        skipped_total += batch["skipped"]
+        captions = batch["captions"]
+        with torch.no_grad():
+            latents = batch["latents"].to(acc.device) if cached else ae.encode(batch["images"].to(acc.device))
+        uncond = torch.rand(len(captions)) < cfg.prompt_dropout
+        with acc.autocast():
+            loss = gen(latents, captions, uncond)
+        acc.backward(loss)
+        if cfg.grad_clip:
+            acc.clip_grad_norm_(gen.parameters(), cfg.grad_clip)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.step(raw.parameters())
+
+        value = float(loss.detach())
+        run.advance({"loss": value})
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            run.log(step, {"loss": value, "lr": schedule.get_last_lr()[0], "skipped_images": skipped_total})
+        if step % cfg.sample_every == 0 or step == cfg.steps:
+            _save_samples(run, step, raw, ae, captions[:8], preset)
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            train_state = {"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "sampler": sampler.state_dict()}
+            if ema is not None:
+                train_state["ema"] = ema.state_dict()
+            run.save_checkpoint(step, {"model": gen}, train_state, cfg.keep_checkpoints)
+
+    if ema is not None:
+        ema.copy_to(raw.parameters())
+    raw.eval()
+    if acc.is_main_process:
+        VGTPipeline(ae, raw, preset.generation).save_pretrained(run.out / "model")
+    run.finish()
+    return run.out / "model"
+
+
+@torch.no_grad()
+def _save_samples(run: TrainingRun, step: int, gen: VGTGenerator, ae: VGTAutoencoder, captions: list[str], preset: Preset) -> None:
+    if not run.accelerator.is_main_process or not captions:
+        return
+    was_training = gen.training
+    gen.eval()
+    latents = gen.generate(captions, ae.grid, preset.generation.model_copy(update={"seed": step}))
+    gen.train(was_training)
+    images = ae.decode(latents.to(next(ae.parameters()).dtype)).clamp(-1, 1).float().cpu()
+    folder = run.out / "samples"
+    folder.mkdir(exist_ok=True)
+    save_image((images + 1) / 2, folder / f"step-{step:08d}.png", nrow=min(4, len(captions)))
+    (folder / f"step-{step:08d}.txt").write_text("\n".join(captions) + "\n")
