@@ -212,11 +212,12 @@ def _model_in(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-def format_validation_error(exc: ValidationError, model: type[BaseModel] | None, where: str) -> str:
+def format_validation_error(exc: ValidationError, model: type[BaseModel] | None, where: str, prefix: str = "") -> str:
+    """One line per error: ``where: prefix.key.path: what is wrong (value, allowed values)``."""
     lines = []
     for err in exc.errors():
         loc = tuple(p for p in err["loc"] if not _is_union_tag(p))
-        path = ".".join(str(p) for p in loc) or "(top level)"
+        path = ".".join([prefix] * bool(prefix) + [str(p) for p in loc]) or "(top level)"
         kind, value = err["type"], err.get("input")
         if kind == "extra_forbidden":
             owner = _fields_at(model, loc)
@@ -237,11 +238,11 @@ def _is_union_tag(part: Any) -> bool:
     return isinstance(part, str) and bool(re.fullmatch(r"int|float|str|bool|none|[a-z-]+\[.*\]", part))
 
 
-def validate_model(model: type[BaseModel], data: Any, where: str) -> Any:
+def validate_model(model: type[BaseModel], data: Any, where: str, prefix: str = "") -> Any:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, model, where)) from None
+        raise ConfigError(format_validation_error(exc, model, where, prefix)) from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -309,7 +310,7 @@ class PresetBook:
         data, source = self._get(name)
         if overrides:
             data = apply_overrides(data, overrides)
-        return check_preset(data, f"{source}: presets.{name}")
+        return check_preset(data, source, f"presets.{name}")
 
     def matrix(self, name: str) -> Matrix:
         if name not in self.matrices:
@@ -322,24 +323,25 @@ class PresetBook:
             self.preset(name)
         for name, (matrix, source) in self.matrices.items():
             if matrix.base not in self._presets:
-                raise ConfigError(f"{source}: matrices.{name}.base: " + unknown_name_message("preset", matrix.base, self._presets))
+                raise ConfigError(unknown_name_message("preset", matrix.base, self._presets, f"{source}: matrices.{name}.base"))
             for label, overrides in matrix.expand().items():
                 data = apply_overrides(self._presets[matrix.base][0], overrides)
-                check_preset(data, f"{source}: matrices.{name} cell {label!r}")
+                check_preset(data, source, f"matrices.{name}[{label}]")
 
 
-def check_preset(data: dict, where: str) -> Preset:
+def check_preset(data: dict, source: str, prefix: str) -> Preset:
     """Validate a preset's structure, then every component's name and options against the registry."""
     from vgt_core.plugins import registry
 
-    preset = validate_model(Preset, data, where)
+    preset = validate_model(Preset, data, source, prefix)
     reg = registry()
     for kind in ("encoder", "decoder", "backbone", "sampler", "dataset"):
         spec: ComponentSpec | None = getattr(preset, kind)
         if spec is None:
             continue
-        component = reg.get(kind, spec.name, where=f"{where}.{kind}.name")
-        spec.options = component.validate(spec.options, where=f"{where}.{kind}.options").model_dump(mode="json")
+        component = reg.get(kind, spec.name, where=f"{source}: {prefix}.{kind}.name")
+        validated = component.validate(spec.options, where=source, prefix=f"{prefix}.{kind}.options")
+        spec.options = validated.model_dump(mode="json")
     return preset
 
 

@@ -34,6 +34,6 @@ def close_first(name: str, known: Iterable[str]) -> list[str]:
 
 def unknown_name_message(what: str, name: str, known: Iterable[str], where: str = "") -> str:
     known = close_first(name, known)
-    prefix = f"{where}: " if where else ""
+    prefix = f"{where}: " if where else ""  # where: "file: key.path" when the name came from a file
     listing = ", ".join(known) if known else "(none registered)"
     return f"{prefix}unknown {what} {name!r}; known: {listing}"

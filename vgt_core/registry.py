@@ -33,7 +33,7 @@ class Component:
     package: str
     version: str
 
-    def validate(self, options: dict | BaseModel | None, where: str = "") -> BaseModel:
+    def validate(self, options: dict | BaseModel | None, where: str = "", prefix: str = "") -> BaseModel:
         """Validate ``options`` against this component's model; errors name the key path."""
         if isinstance(options, self.options):
             return options
@@ -44,7 +44,8 @@ class Component:
         except ValidationError as exc:
             from vgt_core.config import format_validation_error
 
-            raise ConfigError(format_validation_error(exc, self.options, where or f"{self.kind} {self.name!r}")) from None
+            where = where or f"{self.kind} {self.name!r} options"
+            raise ConfigError(format_validation_error(exc, self.options, where, prefix)) from None
 
     def build(self, options: dict | BaseModel | None = None) -> Any:
         return self.factory(self.validate(options))

@@ -1,0 +1,120 @@
+"""VGT-AR: QueryAR and MAR on a real (tiny) InternVL3 / Qwen2.5-VL language model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import builtin_preset
+from vgt_core.config import GenerationConfig
+from vgt_core.generator import VGTGenerator, guidance_at
+from vgt_plugins.mar import revealed_after
+from vgt_plugins.queryar import step_sizes
+
+PROMPTS = ["a red circle", "a photo of two blue squares left of a green triangle"]  # different lengths: padding
+
+
+def tiny_generator(sampler="queryar", preset="tiny-internvl3", sampler_options=None, latent_norm="layernorm") -> VGTGenerator:
+    p = builtin_preset(preset)
+    torch.manual_seed(0)
+    return VGTGenerator.from_specs(
+        p["backbone"], {"name": sampler, "options": sampler_options or {}}, latent_norm=latent_norm, options=p["generator"]
+    )
+
+
+def randomize_head(gen: VGTGenerator) -> VGTGenerator:
+    """A fresh head predicts 0 (zero-init output); give it weights so that the LM's state matters."""
+    torch.manual_seed(1)
+    for p in gen.head.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    return gen.eval()
+
+
+@pytest.mark.parametrize("preset", ["tiny-internvl3", "tiny-qwen25vl"])
+@pytest.mark.parametrize("m", [1, 4, 16])
+def test_kv_cached_generation_equals_the_cache_free_reference(preset, m):
+    gen = randomize_head(tiny_generator(preset=preset))
+    config = GenerationConfig(tokens_per_step=m, num_sampling_steps=4, guidance_scale=3.0, seed=7)
+    cached = gen.generate(PROMPTS, (4, 4), config)
+    reference = gen.generate(PROMPTS, (4, 4), config.model_copy(update={"use_cache": False}))
+    torch.testing.assert_close(cached, reference, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(cached, gen.generate(PROMPTS, (4, 4), config.model_copy(update={"seed": 8})))
+
+
+def test_padding_does_not_leak_into_any_step():
+    """A prompt generates the same latents alone or batched beside a longer prompt (it is left-padded then),
+    at every step. Near-zero temperature makes the ODE deterministic, so the noise drawn for the other row
+    cannot explain a difference: only the attention mask could."""
+    gen = randomize_head(tiny_generator())
+    for m in (1, 4):
+        config = GenerationConfig(tokens_per_step=m, num_sampling_steps=3, guidance_scale=2.0, order="raster", temperature=1e-6)
+        alone = gen.generate(PROMPTS[:1], (4, 4), config)
+        batched = gen.generate(PROMPTS, (4, 4), config)
+        torch.testing.assert_close(batched[:1], alone, atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(batched[0], batched[1], atol=1e-2)  # the two prompts do differ
+
+
+@pytest.mark.parametrize("m,passes", [(1, 16), (4, 4), (16, 1), ([1, 3, 12], 3)])
+def test_m_tokens_per_step_takes_n_over_m_lm_passes(m, passes):
+    gen = randomize_head(tiny_generator())
+    calls = []
+    original = gen.backbone.forward
+    gen.backbone.forward = lambda *a, **k: calls.append(a[0].shape[1]) or original(*a, **k)
+    gen.generate(PROMPTS, (4, 4), GenerationConfig(tokens_per_step=m, num_sampling_steps=2, seed=0))
+    assert len(calls) == passes
+
+
+def test_mar_uses_the_cosine_schedule_and_computes_the_prompt_once():
+    gen = randomize_head(tiny_generator("mar"))
+    calls = []
+    original = gen.backbone.forward
+    gen.backbone.forward = lambda *a, **k: calls.append(a[0].shape[1]) or original(*a, **k)
+    gen.generate(PROMPTS, (4, 4), GenerationConfig(num_iter=4, num_sampling_steps=2, seed=0))
+    assert len(calls) == 1 + 4 and calls[1:] == [16] * 4  # the prompt once, then the 16 image tokens per step
+    steps, done = [], 0
+    for step in range(4):
+        upto = revealed_after(step, 4, 16, done)
+        steps.append(upto - done)
+        done = upto
+    assert sum(steps) == 16 and min(steps) >= 1 and steps == sorted(steps)  # cosine: few first, more later
+
+
+def test_guidance_schedules_name_their_direction():
+    config = GenerationConfig(guidance_scale=4.0, guidance_schedule="increasing")
+    assert guidance_at(config, 0, 1, 16) < guidance_at(config, 15, 1, 16) == 4.0
+    config = config.model_copy(update={"guidance_schedule": "decreasing"})
+    assert guidance_at(config, 0, 1, 16) == 4.0 > guidance_at(config, 15, 1, 16)
+    assert guidance_at(config.model_copy(update={"guidance_schedule": "constant"}), 9, 1, 16) == 4.0
+
+
+def test_guidance_scale_one_equals_the_conditional_branch_alone():
+    gen = randomize_head(tiny_generator())
+    base = GenerationConfig(tokens_per_step=4, num_sampling_steps=3, seed=3)
+    alone = gen.generate(PROMPTS, (4, 4), base.model_copy(update={"guidance_scale": 1.0}))  # no uncond rows at all
+    both = gen.generate(PROMPTS, (4, 4), base.model_copy(update={"guidance_scale": 1.0 + 1e-7}))  # both branches run
+    torch.testing.assert_close(both, alone, atol=1e-4, rtol=1e-4)
+
+
+def test_prompt_dropout_puts_the_unconditioned_prompt_in_the_row():
+    gen = tiny_generator()
+    batch = gen.embed_prompts(["a red circle", "a blue square"], uncond=torch.tensor([True, False]))
+    uncond = gen.backbone.embed_prompts([gen.options.uncond_prompt])[0]
+    length = uncond.shape[1]
+    torch.testing.assert_close(batch.embeds[0, -length:], uncond[0])
+    assert batch.mask[0].sum() == length
+
+
+def test_sampled_latents_are_renormalised_like_the_autoencoders():
+    gen = randomize_head(tiny_generator(latent_norm="layernorm"))
+    z = gen.generate(PROMPTS, (4, 4), GenerationConfig(tokens_per_step=4, num_sampling_steps=2, seed=0))
+    per_token = z.flatten(2).transpose(1, 2)
+    torch.testing.assert_close(per_token.mean(-1), torch.zeros(2, 16), atol=1e-5, rtol=0)
+
+
+def test_generator_saves_and_reloads(tmp_path):
+    gen = randomize_head(tiny_generator("queryar", "tiny-qwen25vl", {"train_group_sizes": [1, 4]}))
+    gen.save_pretrained(tmp_path / "g")
+    loaded = VGTGenerator.from_pretrained(tmp_path / "g")
+    config = GenerationConfig(tokens_per_step=4, num_sampling_steps=2, seed=0)
+    torch.testing.assert_close(loaded.generate(PROMPTS, (4, 4), config), gen.generate(PROMPTS, (4, 4), config))
+    assert loaded.sampler.options.train_group_sizes == [1, 4]

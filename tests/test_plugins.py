@@ -1,0 +1,137 @@
+"""The plugin system: discovery, provenance, duplicate and unknown names, strict hooks, the env switch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pluggy
+import pytest
+import torch
+from torch import nn
+
+from vgt_core import hookimpl
+from vgt_core.errors import ConfigError, UnknownComponentError
+from vgt_core.plugins import list_components, registry
+from vgt_core.registry import Options
+
+BUILTIN = {
+    ("encoder", "internvl3"),
+    ("encoder", "qwen25vl"),
+    ("decoder", "dcae"),
+    ("decoder", "sdvae"),
+    ("decoder", "vit"),
+    ("backbone", "internvl3-lm"),
+    ("backbone", "qwen25vl-lm"),
+    ("sampler", "queryar"),
+    ("sampler", "mar"),
+}
+
+
+def vgt(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "vgt_core.cli", *args], capture_output=True, text=True, env={**os.environ, **(env or {})}
+    )
+
+
+def test_builtins_come_through_entry_points_with_their_package():
+    found = {(c.kind, c.name): c for c in list_components()}
+    assert BUILTIN <= set(found)
+    assert {found[k].package for k in BUILTIN} == {"vgt"}
+
+
+def test_cli_plugins_json_lists_every_component():
+    result = vgt("plugins", "--json")
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    assert BUILTIN <= {(r["kind"], r["name"]) for r in rows}
+    assert all({"kind", "name", "package", "version"} <= set(r) for r in rows)
+
+
+def test_unknown_name_lists_known_ones_closest_first():
+    with pytest.raises(UnknownComponentError) as err:
+        registry().get("encoder", "internvl")
+    message = str(err.value)
+    assert "unknown encoder 'internvl'" in message
+    assert message.index("internvl3") < message.index("qwen25vl")
+
+
+class _EchoOptions(Options):
+    width: int = 8
+
+
+class _EchoEncoder(nn.Module):
+    """A throwaway encoder: mean-pools 8x8 patches."""
+
+    def __init__(self, options: _EchoOptions):
+        super().__init__()
+        self.feature_dim, self.image_size = options.width, 64
+        self.proj = nn.Linear(3, options.width)
+
+    def grid(self, image_size):
+        return (8, 8)
+
+    def forward(self, images):
+        pooled = torch.nn.functional.avg_pool2d(images, 8).flatten(2).transpose(1, 2)
+        return self.proj(pooled)
+
+
+class EchoPlugin:
+    @hookimpl
+    def vgt_register_encoders(self, register):
+        register("echo", _EchoEncoder, _EchoOptions)
+
+
+def test_a_registered_plugin_builds_with_validated_options(register_plugin):
+    register_plugin(EchoPlugin(), name="echo-plugin")
+    component = registry().get("encoder", "echo")
+    assert component.plugin == "echo-plugin"
+    assert component.build({"width": 4}).feature_dim == 4
+    with pytest.raises(ConfigError, match="widht: unknown key .widht.; allowed keys: width"):
+        component.build({"widht": 4})
+
+
+def test_duplicate_names_are_refused_naming_both_providers(register_plugin):
+    class Clash:
+        @hookimpl
+        def vgt_register_decoders(self, register):
+            register("dcae", _EchoEncoder)
+
+    register_plugin(Clash(), name="clash")
+    with pytest.raises(ConfigError, match="'dcae' is registered twice: by plugin 'dcae'.*by plugin 'clash'"):
+        registry()
+
+
+def test_a_misspelled_hook_fails_loudly(register_plugin):
+    class Typo:
+        @hookimpl
+        def vgt_register_encoder(self, register):  # missing 's'
+            pass
+
+    with pytest.raises(pluggy.PluginValidationError, match="vgt_register_encoder"):
+        register_plugin(Typo(), name="typo")
+
+
+def test_env_switch_restricts_which_plugins_load():
+    only = vgt("plugins", "--json", env={"VGT_LOAD_PLUGINS": "dcae,queryar"})
+    assert only.returncode == 0, only.stderr
+    assert {(r["kind"], r["name"]) for r in json.loads(only.stdout)} == {("decoder", "dcae"), ("sampler", "queryar")}
+    none = vgt("plugins", "--json", env={"VGT_LOAD_PLUGINS": ""})
+    assert json.loads(none.stdout) == []
+    bad = vgt("plugins", env={"VGT_LOAD_PLUGINS": "dcea"})
+    assert bad.returncode != 0 and "unknown plugin 'dcea'; known: dcae" in bad.stderr
+
+
+def test_every_hook_is_documented_with_its_signature():
+    """docs/plugins.md carries a heading and the exact signature of every hook."""
+    from pathlib import Path
+
+    from vgt_core.plugins import plugin_manager
+
+    docs = (Path(__file__).parents[1] / "docs" / "plugins.md").read_text()
+    for name in dir(plugin_manager().hook):
+        if name.startswith("vgt_"):
+            caller = getattr(plugin_manager().hook, name)
+            assert f"{name}({', '.join(caller.spec.argnames)})" in docs, name
