@@ -18,6 +18,7 @@ from diffusers.training_utils import EMAModel
 from torchvision.utils import save_image
 
 from vgt_core.autoencoder import VGTAutoencoder
+from vgt_core.compose import build_autoencoder
 from vgt_core.config import AEStage, Preset
 from vgt_core.data import make_loader, open_dataset
 from vgt_core.losses import LeCam, PatchDiscriminator, PerceptualLoss, hinge_d_loss, hinge_g_loss
@@ -65,7 +66,7 @@ def train_autoencoder(
     elif stage == 2:
         raise ValueError("stage 2 starts from a stage-1 run: pass init=<stage-1 output folder>")
     else:
-        ae = VGTAutoencoder.from_specs(preset.encoder.model_dump(), preset.decoder.model_dump(), image_size=preset.image_size)
+        ae = build_autoencoder(preset)
         teacher_file = None
     ae.set_latent_regularization(cfg.latent_norm, cfg.noise_sigma)
     # The teacher is the encoder as it was before any VGT-AE training: saved by stage 1, passed on by --init.

@@ -14,6 +14,7 @@ from diffusers.training_utils import EMAModel
 from torchvision.utils import save_image
 
 from vgt_core.autoencoder import VGTAutoencoder
+from vgt_core.compose import build_generator
 from vgt_core.config import Preset
 from vgt_core.data import make_loader, open_dataset
 from vgt_core.generator import VGTGenerator
@@ -21,19 +22,6 @@ from vgt_core.latents import LatentDataset, collate_latents, is_latent_cache
 from vgt_core.pipeline import VGTPipeline
 from vgt_core.training.autoencoder import _named_dataset, model_folder
 from vgt_core.training.run import TrainingRun, cosine_with_warmup, enable_gradient_checkpointing, optimizer_groups
-
-
-def build_generator(preset: Preset, autoencoder: VGTAutoencoder) -> VGTGenerator:
-    """The preset's backbone and sampler around the autoencoder's latent (any AE pairs with any LM)."""
-    if preset.backbone is None or preset.sampler is None:
-        raise ValueError("the preset names no backbone/sampler: it cannot train a generator")
-    return VGTGenerator.from_specs(
-        preset.backbone.model_dump(),
-        preset.sampler.model_dump(),
-        latent_channels=autoencoder.latent_channels,
-        latent_norm=autoencoder.latent_norm.kind,
-        options=preset.generator,
-    )
 
 
 def train_generator(

@@ -1,0 +1,88 @@
+"""LLaVA (Liu et al., 2023, arXiv 2304.08485) for vgt: its CLIP vision tower + projector as a VGT-AE
+encoder, its language model as an AR backbone, and a tiny preset to try both on a CPU.
+
+The worked example of docs/plugins.md: a new VLM is one module on top of vgt's transformers adapters.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+from vgt_adapters.hf_language import HFLanguageBackbone, LanguageOptions
+from vgt_adapters.hf_vision import CLIP_MEAN, CLIP_STD, HFVisionEncoder, VisionOptions
+from vgt_core import hookimpl
+
+
+class LlavaEncoder(HFVisionEncoder):
+    """Features as LLaVA's LLM reads them: CLIP's penultimate layer without CLS, then the projector."""
+
+    model_class = LlavaForConditionalGeneration
+    config_class = LlavaConfig
+    default_mean, default_std = CLIP_MEAN, CLIP_STD
+
+    def keep_vision(self, vlm):
+        model = vlm.model  # LlavaModel: vision_tower + multi_modal_projector (+ language_model, dropped)
+        model.language_model = None
+        return model
+
+    def native_image_size(self):
+        return self.config.vision_config.image_size
+
+    def output_dim(self):
+        return self.config.text_config.hidden_size
+
+    def grid(self, image_size):
+        h, w = self.pair(image_size)
+        patch = self.config.vision_config.patch_size
+        return h // patch, w // patch
+
+    def forward(self, images):
+        return torch.stack(self.tower.get_image_features(pixel_values=self.preprocess(images)).pooler_output)
+
+
+class LlavaBackbone(HFLanguageBackbone):
+    model_class = LlavaForConditionalGeneration
+    config_class = LlavaConfig
+
+
+TINY = {
+    "model_type": "llava",
+    "image_token_id": 3,
+    "vision_config": {"model_type": "clip_vision_model", "hidden_size": 32, "intermediate_size": 64,
+                      "num_hidden_layers": 2, "num_attention_heads": 4, "image_size": 64, "patch_size": 16},
+    "text_config": {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                    "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 320,
+                    "bos_token_id": None, "eos_token_id": None, "pad_token_id": None},
+}
+
+
+@hookimpl
+def vgt_register_encoders(register):
+    register("llava", LlavaEncoder, VisionOptions, "LLaVA's CLIP vision tower + projector")
+
+
+@hookimpl
+def vgt_register_backbones(register):
+    register("llava-lm", LlavaBackbone, LanguageOptions, "LLaVA's language model")
+
+
+@hookimpl
+def vgt_register_presets(register):
+    register(
+        "tiny-llava",
+        {
+            "description": "LLaVA classes at toy size (64 px, 4x4 latent) with vgt's tiny DC-AE decoder",
+            "encoder": {"name": "llava", "options": {"config": TINY}},
+            "decoder": {"name": "dcae", "options": {"config": {
+                "latent_channels": 32, "attention_head_dim": 8,
+                "encoder_block_types": ["ResBlock"] * 5, "decoder_block_types": ["ResBlock"] * 5,
+                "encoder_block_out_channels": [8, 16, 16, 32, 32], "decoder_block_out_channels": [16, 16, 32, 32, 64],
+                "encoder_layers_per_block": [1] * 5, "decoder_layers_per_block": [1] * 5,
+                "encoder_qkv_multiscales": [[]] * 5, "decoder_qkv_multiscales": [[]] * 5,
+                "upsample_block_type": "interpolate", "downsample_block_type": "Conv"}}},
+            "backbone": {"name": "llava-lm", "options": {"config": TINY}},
+            "sampler": {"name": "queryar"},
+            "generator": {"head_depth": 2, "head_width": 64, "max_grid": 8},
+        },
+    )
