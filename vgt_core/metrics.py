@@ -1,0 +1,155 @@
+"""Reconstruction metrics for the image autoencoder: PSNR, SSIM and rFID over a stream of batches.
+
+Nothing here downloads anything: rFID runs only when the Inception weights are already on disk.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+from tqdm.auto import tqdm
+
+INCEPTION_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
+# torch-fidelity's own download of the same converted TF Inception (same keys, same hash prefix).
+_FIDELITY_WEIGHTS_NAME = "weights-inception-2015-12-05-6726825d.pth"
+
+
+def find_inception_weights(path: str | os.PathLike | None = None) -> tuple[Path | None, list[Path]]:
+    """The weights file to use and the places looked at; an explicit path that does not exist is an error."""
+    if path is not None:
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"Inception weights not found: {path}")
+        return path, [path]
+    hub = Path(torch.hub.get_dir()) / "checkpoints"
+    candidates = [hub / INCEPTION_WEIGHTS_NAME, hub / _FIDELITY_WEIGHTS_NAME]
+    return next((c for c in candidates if c.is_file()), None), candidates
+
+
+class _InceptionPool3(nn.Module):
+    """torch-fidelity's InceptionV3 returns a tuple of features; torchmetrics' FID wants one (B, 2048) tensor."""
+
+    num_features = 2048  # also spares torchmetrics a dummy 299x299 forward to infer it
+
+    def __init__(self, weights: Path) -> None:
+        super().__init__()
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+        self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(weights))
+
+    def forward(self, images_uint8: torch.Tensor) -> torch.Tensor:
+        # The extractor itself resizes to 299 (TF1-style bilinear) and rescales 0..255 to [-1, 1].
+        return self.net(images_uint8)[0]
+
+
+def _to_uint8(images: torch.Tensor) -> torch.Tensor:
+    return ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+class ReconstructionMetrics:
+    """PSNR, SSIM and rFID between originals and reconstructions, both in [-1, 1], accumulated batch by batch.
+
+    Images are clamped and mapped to [0, 1] and both PSNR and SSIM use ``data_range=1.0``. The released upstream
+    evaluation computes SSIM with ``data_range=2`` on [0, 1] images, which inflates SSIM; we deliberately do not.
+
+    PSNR is the mean of per-image PSNRs (torchmetrics with ``dim=(1, 2, 3)``, ``reduction="elementwise_mean"``),
+    as skimage-style evaluations report it, not the PSNR of the MSE pooled over the whole set. An exactly
+    reconstructed image has infinite PSNR, and so then does the mean; we do not cap it.
+
+    SSIM is torchmetrics' default (11x11 Gaussian window, sigma 1.5), averaged over images.
+    """
+
+    def __init__(self, inception_weights: str | os.PathLike | None = None, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.psnr = PeakSignalNoiseRatio(data_range=1.0, dim=(1, 2, 3), reduction="elementwise_mean").to(self.device)
+        self.ssim = StructuralSimilarityIndexMeasure(data_range=1.0).to(self.device)
+        self.n_images = 0
+        self.fid, self.rfid_note = None, None
+        weights, looked = find_inception_weights(inception_weights)
+        if weights is None:
+            self.rfid_note = (
+                f"Inception weights {INCEPTION_WEIGHTS_NAME} not found locally (looked in "
+                f"{', '.join(map(str, looked))}); pass --inception-weights PATH to compute rFID"
+            )
+            return
+        try:
+            from torchmetrics.image.fid import FrechetInceptionDistance
+
+            self.fid = FrechetInceptionDistance(feature=_InceptionPool3(weights), normalize=False).to(self.device)
+        except ImportError:
+            self.rfid_note = "torch-fidelity is not installed (pip install 'vgt[fid]'); rFID skipped"
+
+    @torch.no_grad()
+    def update(self, real: torch.Tensor, fake: torch.Tensor) -> None:
+        if real.shape != fake.shape:
+            raise ValueError(f"originals {tuple(real.shape)} and reconstructions {tuple(fake.shape)} differ in shape")
+        real, fake = real.to(self.device, torch.float32), fake.to(self.device, torch.float32)
+        real01, fake01 = ((real + 1) / 2).clamp(0, 1), ((fake + 1) / 2).clamp(0, 1)
+        self.psnr.update(fake01, real01)
+        self.ssim.update(fake01, real01)
+        if self.fid is not None:
+            self.fid.update(_to_uint8(real), real=True)
+            self.fid.update(_to_uint8(fake), real=False)
+        self.n_images += real.shape[0]
+
+    def compute(self) -> dict[str, Any]:
+        """``psnr`` (dB), ``ssim``, ``rfid`` (None when skipped, with ``rfid_note`` saying why) and ``n_images``."""
+        empty = self.n_images == 0
+        out: dict[str, Any] = {
+            "psnr": math.nan if empty else float(self.psnr.compute()),
+            "ssim": math.nan if empty else float(self.ssim.compute()),
+            "rfid": None,
+            "n_images": self.n_images,
+        }
+        if self.fid is not None and self.n_images < 2:
+            out["rfid_note"] = f"rFID needs at least 2 images, got {self.n_images}"
+        elif self.fid is not None:
+            out["rfid"] = float(self.fid.compute())
+        else:
+            out["rfid_note"] = self.rfid_note
+        return out
+
+
+def evaluate_reconstruction(
+    autoencoder: Any,
+    loader: Any,
+    device: torch.device | str,
+    inception_weights: str | os.PathLike | None = None,
+    max_images: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Encode and decode every batch of ``loader`` (dicts with ``images`` in [-1, 1] and ``skipped``) and score it.
+
+    Returns ``psnr``, ``ssim``, ``rfid`` (+ ``rfid_note`` when skipped), ``n_images`` and ``skipped``, the number
+    of unreadable files the collate dropped.
+    """
+    metrics = ReconstructionMetrics(inception_weights, device=device)
+    was_training = getattr(autoencoder, "training", False)
+    if isinstance(autoencoder, nn.Module):
+        autoencoder.eval()
+    skipped = 0
+    try:
+        with torch.no_grad(), tqdm(total=max_images, desc="reconstruction", unit="img", disable=not progress) as bar:
+            for batch in loader:
+                skipped += int(batch.get("skipped", 0))
+                images = batch["images"]
+                if max_images is not None:
+                    images = images[: max_images - metrics.n_images]
+                if images.shape[0] == 0:
+                    continue
+                images = images.to(device)
+                recon = autoencoder.decode(autoencoder.encode(images), tuple(images.shape[-2:]))
+                metrics.update(images, recon)
+                bar.update(images.shape[0])
+                if max_images is not None and metrics.n_images >= max_images:
+                    break
+    finally:
+        if isinstance(autoencoder, nn.Module):
+            autoencoder.train(was_training)
+    return {**metrics.compute(), "skipped": skipped}
