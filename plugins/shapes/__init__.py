@@ -45,3 +45,45 @@ class ShapesDataset(Dataset):
 @hookimpl
 def vgt_register_datasets(register):
     register("shapes", ShapesDataset, ShapesOptions, "the shapes world: 1-4 flat objects, GenEval-style captions")
+
+
+@hookimpl
+def vgt_add_commands(subparsers, command):
+    p = subparsers.add_parser("demo", help="the whole method on the toy world (CPU, minutes)")
+    p.add_argument("--out", required=True, help="folder for every artifact, metrics.json and report.md")
+    p.add_argument("--quick", action="store_true", help="a 1-minute smoke run with tiny budgets")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    command("demo")(_demo)
+
+    p = subparsers.add_parser("eval-shapes", help="mini-GenEval: score a folder in GenEval's layout")
+    p.add_argument("folder")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    command("eval-shapes")(_eval_shapes)
+
+
+def _demo(args) -> None:
+    from vgt_plugins.shapes.demo import run_demo
+
+    metrics = run_demo(args.out, quick=args.quick, progress=not args.quiet)
+    rec = metrics["reconstruction"]
+    print(f"\nunderstanding: token accuracy {metrics['understanding']['after']['token_accuracy']:.3f}")
+    print(f"reconstruction: PSNR {rec['psnr']:.2f} dB  SSIM {rec['ssim']:.4f}")
+    for key, result in metrics["generation"].items():
+        tasks = "  ".join(f"{t} {v:.2f}" for t, v in result["geneval"].items())
+        print(f"{key}: overall {result['overall']:.3f}  ({tasks})")
+    print(f"total {metrics['seconds']['total']:.0f} s; report: {args.out}/report.md")
+
+
+def _eval_shapes(args) -> None:
+    import json
+
+    from vgt_plugins.shapes.scorer import score_folder
+
+    scores = score_folder(args.folder)
+    if args.json:
+        print(json.dumps({k: v for k, v in scores.items() if k != "per_prompt"}, indent=2))
+        return
+    for task, accuracy in scores["per_task"].items():
+        print(f"{task:14} {accuracy:.3f}")
+    print(f"{'overall':14} {scores['overall']:.3f}   ({scores['images']} images, unreadable {scores['unreadable']})")

@@ -1,0 +1,152 @@
+"""``vgt demo``: the whole method on the toy world, on a CPU, in minutes.
+
+shapes world -> a tiny InternVL3 learns to describe shapes (understanding) -> VGT-AE stage 1 (its vision tower
++ phi + DC-AE decoder, self-distilled to the understanding encoder) -> stage 2 (latent norm + noise, encoder
+frozen) -> latent cache -> QueryAR on its language model -> generation for held-out prompts at 1, 4 and 16
+tokens per step -> mini-GenEval. Everything the run makes lands in one folder (see ``run_demo``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from vgt_core.config import Preset, load_presets
+from vgt_core.data import collate, open_dataset
+from vgt_core.latents import cache_latents
+from vgt_core.metrics import evaluate_reconstruction
+from vgt_core.pipeline import VGTPipeline
+from vgt_core.training.autoencoder import train_autoencoder
+from vgt_core.training.autoregressive import train_generator
+from vgt_core.training.run import log_file
+from vgt_plugins.shapes import ShapesDataset, ShapesOptions
+from vgt_plugins.shapes.report import write_report
+from vgt_plugins.shapes.scorer import score_folder
+from vgt_plugins.shapes.understanding import pretrain_understanding
+from vgt_plugins.shapes.world import ShapesWorld, write_geneval_folder
+
+HELD_OUT_SEED = 10_000  # images for the reconstruction score come from a world seeded apart from training's
+
+
+class Phases:
+    """Wall time per phase, with a header line so the user sees where the run is."""
+
+    def __init__(self, progress: bool):
+        self.seconds: dict[str, float] = {}
+        self.progress = progress
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        if self.progress:
+            print(f"\n== {name}", flush=True)
+        start = time.time()
+        yield
+        self.seconds[name] = round(time.time() - start, 1)
+        if self.progress:
+            print(f"== {name}: {self.seconds[name]:.0f} s", flush=True)
+
+
+def demo_preset(vlm: Path, quick: bool, preset: str = "shapes-demo", overrides: dict | None = None) -> Preset:
+    """The ``shapes-demo`` preset with its encoder and backbone read from the understanding VLM folder."""
+    book = load_presets()
+    changes: dict[str, Any] = {
+        "encoder.options.pretrained": str(vlm),
+        "encoder.options.config": None,
+        "backbone.options.pretrained": str(vlm),
+        "backbone.options.config": None,
+    }
+    if quick:
+        changes.update(QUICK)
+    return book.preset(preset, {**changes, **(overrides or {})})
+
+
+QUICK = {
+    "train_ae.stage1.steps": 30,
+    "train_ae.stage2.steps": 10,
+    "train_ar.steps": 30,
+    "generation.num_sampling_steps": 4,
+}
+UNDERSTANDING_STEPS = {"full": 250, "quick": 10}
+
+
+def run_demo(out: str | Path, *, quick: bool = False, progress: bool = True, samples_per_prompt: int | None = None) -> dict[str, Any]:
+    """Run every phase into ``out``; return (and write) ``metrics.json``.
+
+    ``out`` receives: ``vlm/`` (the understanding model), ``ae-stage1/``, ``ae-stage2/``, ``latents/``, ``ar/``
+    (the VGT model in ``ar/model``), ``geneval/`` (GenEval layout, 1 token per step) and ``geneval-m4/``,
+    ``geneval-m16/``, ``metrics.json``, ``samples.png``, ``curves.png`` and ``report.md``.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    phases = Phases(progress)
+    mode = "quick" if quick else "full"
+    base = load_presets().preset("shapes-demo")
+    size = base.image_size
+    world_options = ShapesOptions(image_size=size, size=base.dataset.options["size"])
+    metrics: dict[str, Any] = {"mode": mode, "image_size": size}
+    total = time.time()
+
+    with phases("1/6 VLM understanding pre-training"):
+        vlm = out / "vlm"
+        understanding = pretrain_understanding(
+            base.encoder.options["config"], vlm, image_size=size, steps=UNDERSTANDING_STEPS[mode], progress=progress
+        )
+        metrics["understanding"] = {"before": understanding["before"], "after": understanding["after"]}
+    preset = demo_preset(vlm, quick)
+    train_data = ShapesDataset(world_options)
+
+    with phases("2/6 VGT-AE stage 1"):
+        train_autoencoder(preset, out / "ae-stage1", stage=1, data=train_data, progress=progress)
+    with phases("3/6 VGT-AE stage 2"):
+        ae_dir = train_autoencoder(preset, out / "ae-stage2", stage=2, init=out / "ae-stage1", data=train_data, progress=progress)
+        metrics["reconstruction"] = _reconstruction(ae_dir, size, 64 if quick else 512, progress)
+
+    with phases("4/6 latent cache + QueryAR"):
+        from vgt_core.autoencoder import VGTAutoencoder
+
+        ae = VGTAutoencoder.from_pretrained(ae_dir)
+        cached = ShapesDataset(world_options.model_copy(update={"size": 2048 if quick else 16_384}))
+        cache_latents(ae, open_dataset(cached, size), out / "latents", batch_size=128, progress=progress)
+        train_generator(preset, ae_dir, out / "ar", data=out / "latents", progress=progress)
+
+    with phases("5/6 generation at 1, 4, 16 tokens per step"):
+        world = ShapesWorld(image_size=size)
+        prompts = world.evaluation_prompts(per_task=2 if quick else None)
+        k = samples_per_prompt or (1 if quick else 4)
+        pipe = VGTPipeline.from_pretrained(out / "ar" / "model")
+        metrics["generation"] = {}
+        for m in (1, 4, 16):
+            folder = out / ("geneval" if m == 1 else f"geneval-m{m}")
+            started = time.time()
+            images = pipe([p["prompt"] for p in prompts for _ in range(k)], tokens_per_step=m, seed=0, batch_size=128, progress=progress)
+            seconds = time.time() - started
+            write_geneval_folder(folder, [(p, images[i * k : (i + 1) * k]) for i, p in enumerate(prompts)])
+            metrics["generation"][f"tokens_per_step={m}"] = {"seconds": round(seconds, 1), "images": len(images)}
+
+    with phases("6/6 mini-GenEval and report"):
+        for m in (1, 4, 16):
+            folder = out / ("geneval" if m == 1 else f"geneval-m{m}")
+            scores = score_folder(folder)
+            metrics["generation"][f"tokens_per_step={m}"].update(
+                {"geneval": scores["per_task"], "overall": scores["overall"], "lm_passes": 64 // m}
+            )
+
+    metrics["seconds"] = {**phases.seconds, "total": round(time.time() - total, 1)}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_report(out, metrics, understanding["losses"], {name: log_file(out / name) for name in ("ae-stage1", "ae-stage2", "ar")})
+    return metrics
+
+
+def _reconstruction(ae_dir: Path, size: int, n: int, progress: bool) -> dict[str, Any]:
+    """PSNR/SSIM of the final VGT-AE on shapes images it never saw."""
+    from vgt_core.autoencoder import VGTAutoencoder
+
+    held_out = ShapesDataset(ShapesOptions(image_size=size, size=n, seed=HELD_OUT_SEED))
+    loader = torch.utils.data.DataLoader(open_dataset(held_out, size), batch_size=64, collate_fn=collate)
+    result = evaluate_reconstruction(VGTAutoencoder.from_pretrained(ae_dir), loader, "cpu", progress=progress)
+    return {"psnr": result["psnr"], "ssim": result["ssim"], "images": result["n_images"]}
