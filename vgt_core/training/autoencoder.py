@@ -93,7 +93,8 @@ def train_autoencoder(
     use_gan = cfg.gan_weight > 0
     disc = PatchDiscriminator(cfg.disc_channels) if use_gan else None
     disc_opt = torch.optim.AdamW(disc.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay) if use_gan else None
-    disc_schedule = cosine_with_warmup(disc_opt, cfg.warmup_steps, cfg.steps, cfg.end_lr / cfg.lr) if use_gan else None
+    # the discriminator's schedule starts when it does, at gan_start
+    disc_schedule = cosine_with_warmup(disc_opt, cfg.warmup_steps, cfg.steps - cfg.gan_start, cfg.end_lr / cfg.lr) if use_gan else None
     lecam = LeCam() if use_gan and cfg.lecam_weight > 0 else None
     perceptual = PerceptualLoss(cfg.perceptual_net, cfg.perceptual_backbone) if cfg.perceptual_weight > 0 else None
     ema = EMAModel(ae.parameters(), decay=cfg.ema_decay) if cfg.ema_decay else None
@@ -102,18 +103,16 @@ def train_autoencoder(
     modules = {"model": ae, **({"disc": disc} if use_gan else {}), **({"lecam": lecam} if lecam is not None else {})}
     state = run.load_latest(modules) if resume else None
     start = 0
-    sampler_state = None
     if state is not None:
         start = state["step"]
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
-        sampler_state = state["sampler"]
         if use_gan:
             disc_opt.load_state_dict(state["disc_optimizer"])
             disc_schedule.load_state_dict(state["disc_schedule"])
         if ema is not None:
             ema.load_state_dict(state["ema"])
-    loader, sampler = make_loader(dataset, cfg.batch_size, cfg.seed, num_workers=cfg.num_workers, start_state=sampler_state)
+    loader = make_loader(dataset, cfg.batch_size, cfg.seed, start=start, num_workers=cfg.num_workers)
 
     acc = run.accelerator
     ae, optimizer = acc.prepare(ae, optimizer)
@@ -163,20 +162,19 @@ def train_autoencoder(
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
 
-        if use_gan:
-            if gan_on:
-                disc.requires_grad_(True)
-                with acc.autocast():
-                    real, fake = disc(images), disc(recon.detach())
-                    losses["gan_d"] = hinge_d_loss(real, fake)
-                    d_total = losses["gan_d"]
-                    if lecam is not None:
-                        losses["lecam"] = lecam(real, fake)
-                        d_total = d_total + cfg.lecam_weight * losses["lecam"]
-                acc.backward(d_total)
-                disc_opt.step()
-                disc_opt.zero_grad(set_to_none=True)
+        if gan_on:
+            disc.requires_grad_(True)
+            with acc.autocast():
+                real, fake = disc(images), disc(recon.detach())
+                losses["gan_d"] = hinge_d_loss(real, fake)
+                d_total = losses["gan_d"]
+                if lecam is not None:
+                    losses["lecam"] = lecam(real, fake)
+                    d_total = d_total + cfg.lecam_weight * losses["lecam"]
+            acc.backward(d_total)
+            disc_opt.step()
             disc_schedule.step()
+            disc_opt.zero_grad(set_to_none=True)
         if ema is not None:
             ema.step(raw.parameters())
 
@@ -190,7 +188,6 @@ def train_autoencoder(
             train_state = {
                 "optimizer": optimizer.state_dict(),
                 "schedule": schedule.state_dict(),
-                "sampler": sampler.state_dict(),
                 **({"ema": ema.state_dict()} if ema is not None else {}),
                 **({"disc_optimizer": disc_opt.state_dict(), "disc_schedule": disc_schedule.state_dict()} if use_gan else {}),
             }

@@ -55,14 +55,14 @@ def train_generator(
     schedule = cosine_with_warmup(optimizer, cfg.warmup_steps, cfg.steps, cfg.end_lr / cfg.lr)
     ema = EMAModel(gen.parameters(), decay=cfg.ema_decay) if cfg.ema_decay else None
     state = run.load_latest({"model": gen}) if resume else None
-    start, sampler_state = 0, None
+    start = 0
     if state is not None:
-        start, sampler_state = state["step"], state["sampler"]
+        start = state["step"]
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         if ema is not None:
             ema.load_state_dict(state["ema"])
-    loader, sampler = make_loader(dataset, cfg.batch_size, cfg.seed, num_workers=cfg.num_workers, start_state=sampler_state, collate_fn=collate)
+    loader = make_loader(dataset, cfg.batch_size, cfg.seed, start=start, num_workers=cfg.num_workers, collate_fn=collate)
 
     acc = run.accelerator
     gen, optimizer = acc.prepare(gen, optimizer)
@@ -100,7 +100,7 @@ def train_generator(
         if step % cfg.sample_every == 0 or step == cfg.steps:
             _save_samples(run, step, raw, ae, captions[:8], preset)
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            train_state = {"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "sampler": sampler.state_dict()}
+            train_state = {"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()}
             if ema is not None:
                 train_state["ema"] = ema.state_dict()
             run.save_checkpoint(step, {"model": gen}, train_state, cfg.keep_checkpoints)
