@@ -1,9 +1,9 @@
 """Training data: image folders, JSONL of {image, caption}, webdataset-style tar shards, or any dataset of
-``{"image": PIL.Image, "caption": str}`` items (e.g. the shapes world), with one transform and an exactly
-resumable order.
+``{"image": PIL.Image, "caption": str}`` items (e.g. a plugin's synthetic world), through one transform, in an
+exactly resumable order.
 
-Every source is map-style, so a run can be shuffled from a seed and resumed at the exact batch it stopped at.
-Unreadable images are never fatal: an item becomes ``None``, ``collate`` drops it and counts it.
+Every source is map-style, so an epoch is a seeded permutation and a killed run resumes at the exact batch it
+stopped at. Unreadable images are never fatal: the item becomes ``None`` and ``collate`` drops and counts it.
 """
 
 from __future__ import annotations
@@ -14,66 +14,75 @@ import os
 import re
 import tarfile
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Literal
 
+import numpy as np
 import torch
-from PIL import Image, ImageFile
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}
+IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".webp")
+_LOOKED_FOR = "image files (" + " ".join(IMAGE_EXTENSIONS) + "), a .jsonl list or .tar shards"
 
 
 def _is_image(name: str) -> bool:
-    return Path(name).suffix.lower() in IMAGE_EXTENSIONS
+    return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Transform
-# ---------------------------------------------------------------------------------------------------------------
+# -- transform -------------------------------------------------------------------------------------------------
 
 
-def to_tensor(image: Image.Image, size: int, *, crop: str = "center", random_flip: bool = False) -> torch.Tensor:
-    """RGB, shorter side resized to ``size`` (bicubic, antialiased), cropped square, optionally flipped, in
-    [-1, 1]. Random choices draw from torch's global RNG, so a seeded run is reproducible."""
-    image = image.convert("RGBA").convert("RGB") if image.mode in ("P", "LA", "RGBA") else image.convert("RGB")
+def _to_rgb(image: Image.Image) -> Image.Image:
+    # Transparent pixels often hold arbitrary colours; compose them on white rather than expose them.
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def transform_image(
+    image: Image.Image, size: int, *, crop: Literal["center", "random"] = "center", random_flip: bool = False
+) -> torch.Tensor:
+    """RGB, shorter side resized to ``size`` (bicubic, antialiased), square crop, optional horizontal flip ->
+    (3, size, size) in [-1, 1]. Random choices use torch's global RNG, so a seeded run is reproducible."""
+    if crop not in ("center", "random"):
+        raise ValueError(f"crop must be 'center' or 'random', got {crop!r}")
+    image = _to_rgb(image)
     w, h = image.size
-    scale = size / min(w, h)
-    if (w, h) != (size, size):
-        image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC, reducing_gap=None)
-    w, h = image.size
+    if min(w, h) != size:
+        scale = size / min(w, h)
+        image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.BICUBIC)
+        w, h = image.size
     if crop == "random":
-        left = int(torch.randint(0, w - size + 1, ()).item())
-        top = int(torch.randint(0, h - size + 1, ()).item())
+        left, top = (int(torch.randint(0, n - size + 1, ())) for n in (w, h))
     else:
         left, top = (w - size) // 2, (h - size) // 2
-    image = image.crop((left, top, left + size, top + size))
-    x = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(size, size, 3).permute(2, 0, 1)
-    x = x.float() / 127.5 - 1
+    pixels = np.array(image.crop((left, top, left + size, top + size)), dtype=np.uint8)
+    x = torch.from_numpy(pixels).permute(2, 0, 1).float() / 127.5 - 1
     if random_flip and torch.rand(()) < 0.5:
         x = x.flip(-1)
     return x
 
 
-def _open_image(data: bytes | str | os.PathLike) -> Image.Image | None:
+def _open_image(source: bytes | Path) -> Image.Image | None:
+    """Decode fully now, so truncated or non-image data shows up here as ``None`` and not later."""
     try:
-        image = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
+        image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
         image.load()
         return image
-    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError):
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
         return None
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Sources: each returns {"image": PIL.Image | None, "caption": str} for an index
-# ---------------------------------------------------------------------------------------------------------------
+# -- sources: item -> {"image": PIL.Image | None, "caption": str} ------------------------------------------------
 
 
-class ImageFolder(Dataset):
-    """Images under a folder (recursive, sorted); caption from a sibling ``<stem>.txt`` if present."""
+class ImageFolderDataset(Dataset):
+    """Images anywhere under ``root`` in sorted order; caption from a sibling ``<stem>.txt`` if present."""
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
-        self.paths = sorted(p for p in self.root.rglob("*") if p.is_file() and _is_image(p.name))
+        self.paths = sorted(p for p in self.root.rglob("*") if _is_image(p.name) and p.is_file())
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -81,24 +90,29 @@ class ImageFolder(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         path = self.paths[index]
         text = path.with_suffix(".txt")
-        return {"image": _open_image(path), "caption": text.read_text().strip() if text.exists() else ""}
+        caption = text.read_text(encoding="utf-8", errors="replace").strip() if text.is_file() else ""
+        return {"image": _open_image(path), "caption": caption}
 
 
-class JsonlImages(Dataset):
-    """Lines of ``{"image": path, "caption": text}``; paths are relative to the JSONL's folder."""
+class JsonlDataset(Dataset):
+    """One ``{"image": path, "caption": text}`` per line; relative paths are relative to the JSONL's folder.
+    A malformed line is a configuration error, raised at construction with its line number."""
 
     def __init__(self, path: str | os.PathLike):
-        path = Path(path)
+        self.path = Path(path)
         self.items: list[tuple[Path, str]] = []
-        for number, line in enumerate(path.read_text().splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                image = row["image"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise ValueError(f"{path}, line {number}: expected a JSON object with an \"image\" key, got {line[:80]!r}") from None
-            self.items.append((path.parent / image, str(row.get("caption", ""))))
+        with self.path.open(encoding="utf-8") as lines:
+            for number, line in enumerate(lines, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                    image = row["image"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise ValueError(
+                        f'{self.path}, line {number}: expected a JSON object with an "image" key, got {line.strip()[:80]!r}'
+                    ) from None
+                self.items.append((self.path.parent / image, str(row.get("caption") or "")))
 
     def __len__(self) -> int:
         return len(self.items)
@@ -109,63 +123,88 @@ class JsonlImages(Dataset):
 
 
 def expand_braces(pattern: str) -> list[str]:
-    """``shards/{000..009}.tar`` -> the ten paths (zero padding kept), as webdataset writes them."""
-    match = re.search(r"\{(\d+)\.\.(\d+)\}", pattern)
-    if not match:
+    """``shards/{000..009}.tar`` -> ten paths, zero padding kept (as webdataset names shards); ``{a,b}`` lists too."""
+    match = re.search(r"\{([^{}]*)\}", pattern)
+    if match is None:
         return [pattern]
-    lo, hi = match.group(1), match.group(2)
-    width = len(lo) if lo.startswith("0") else 0
-    head, tail = pattern[: match.start()], pattern[match.end() :]
-    return [p for i in range(int(lo), int(hi) + 1) for p in expand_braces(f"{head}{i:0{width}d}{tail}")]
+    head, body, tail = pattern[: match.start()], match.group(1), pattern[match.end() :]
+    numeric = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if numeric:
+        lo, hi = numeric.groups()
+        width = len(lo) if lo.startswith("0") else 0
+        choices = [f"{i:0{width}d}" for i in range(int(lo), int(hi) + 1)]
+    else:
+        choices = body.split(",")
+    return [path for choice in choices for path in expand_braces(head + choice + tail)]
 
 
-class TarShards(Dataset):
-    """Webdataset-style tar shards (``key.jpg`` + ``key.txt``/``key.json``), indexed once so that samples can be
-    read in any order: member offsets are recorded and read back by seek."""
+class TarShardDataset(Dataset):
+    """Webdataset-style uncompressed tar shards (``key.jpg`` + ``key.txt`` or ``key.json``). Member offsets are
+    indexed once; items are read back by seek, so access is random. Each process opens its own file handles."""
 
     def __init__(self, shards: list[str | os.PathLike]):
         self.shards = [str(s) for s in shards]
-        self.samples: list[tuple[int, int, int, str]] = []  # shard, offset, size, caption
+        # (shard, image offset, image size, caption member as (offset, size, is_json) or None)
+        self.samples: list[tuple[int, int, int, tuple[int, int, bool] | None]] = []
         for number, shard in enumerate(self.shards):
-            groups: dict[str, dict[str, tarfile.TarInfo]] = {}
-            with tarfile.open(shard) as tar:
-                for member in tar:
-                    if member.isfile():
-                        folder, base = os.path.split(member.name)
-                        key, _, ext = base.partition(".")
-                        groups.setdefault(os.path.join(folder, key), {})[ext.lower()] = member
-                for key, members in groups.items():
-                    image = next((m for ext, m in members.items() if _is_image("x." + ext)), None)
-                    if image is not None:
-                        self.samples.append((number, image.offset_data, image.size, self._caption(tar, members)))
+            groups: dict[str, list[tarfile.TarInfo]] = {}
+            try:
+                with tarfile.open(shard, "r:") as tar:
+                    for member in tar:
+                        if member.isfile():
+                            folder, base = os.path.split(member.name)
+                            groups.setdefault(os.path.join(folder, base.split(".", 1)[0]), []).append(member)
+            except tarfile.TarError as error:
+                raise ValueError(f"{shard}: not a readable uncompressed tar shard ({error})") from None
+            for members in groups.values():
+                image = next((m for m in members if _is_image(m.name)), None)
+                if image is not None:
+                    self.samples.append((number, image.offset_data, image.size, self._caption_member(members)))
         self._files: dict[int, Any] = {}
         self._pid = os.getpid()
 
     @staticmethod
-    def _caption(tar: tarfile.TarFile, members: dict[str, tarfile.TarInfo]) -> str:
-        if "txt" in members:
-            return tar.extractfile(members["txt"]).read().decode("utf-8", "replace").strip()
-        if "json" in members:
-            try:
-                return str(json.loads(tar.extractfile(members["json"]).read()).get("caption", ""))
-            except (json.JSONDecodeError, AttributeError):
-                return ""
-        return ""
+    def _caption_member(members: list[tarfile.TarInfo]) -> tuple[int, int, bool] | None:
+        for suffix, is_json in ((".txt", False), (".json", True)):
+            member = next((m for m in members if m.name.lower().endswith(suffix)), None)
+            if member is not None:
+                return member.offset_data, member.size, is_json
+        return None
+
+    def _read(self, shard: int, offset: int, size: int) -> bytes:
+        if os.getpid() != self._pid:  # a forked DataLoader worker must not share the parent's file positions
+            self._files, self._pid = {}, os.getpid()
+        if shard not in self._files:
+            self._files[shard] = open(self.shards[shard], "rb")
+        file = self._files[shard]
+        file.seek(offset)
+        return file.read(size)
+
+    def _caption(self, member: tuple[int, int, bool] | None, shard: int) -> str:
+        if member is None:
+            return ""
+        offset, size, is_json = member
+        text = self._read(shard, offset, size).decode("utf-8", "replace")
+        if not is_json:
+            return text.strip()
+        try:
+            return str(json.loads(text).get("caption") or "")
+        except (json.JSONDecodeError, AttributeError):
+            return ""
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        if os.getpid() != self._pid:  # a DataLoader worker: never share file handles with the parent
-            self._files, self._pid = {}, os.getpid()
         shard, offset, size, caption = self.samples[index]
-        f = self._files.get(shard) or self._files.setdefault(shard, open(self.shards[shard], "rb"))
-        f.seek(offset)
-        return {"image": _open_image(f.read(size)), "caption": caption}
+        return {"image": _open_image(self._read(shard, offset, size)), "caption": self._caption(caption, shard)}
+
+    def __getstate__(self) -> dict[str, Any]:  # file handles do not pickle (spawned workers)
+        return {**self.__dict__, "_files": {}}
 
 
-class Transformed(Dataset):
-    """Applies the transform to a source; an unreadable image becomes ``None`` (counted by ``collate``)."""
+class TransformedDataset(Dataset):
+    """A source through ``transform_image``: items ``{"image", "caption", "index"}``, or ``None`` if unreadable."""
 
     def __init__(self, source: Dataset, image_size: int, *, random_flip: bool = False, crop: str = "center"):
         self.source, self.image_size, self.random_flip, self.crop = source, image_size, random_flip, crop
@@ -175,99 +214,138 @@ class Transformed(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         item = self.source[index]
-        if item.get("image") is None:
+        if item is None or item.get("image") is None:
             return None
         try:
-            image = to_tensor(item["image"], self.image_size, crop=self.crop, random_flip=self.random_flip)
+            image = transform_image(item["image"], self.image_size, crop=self.crop, random_flip=self.random_flip)
         except (OSError, ValueError):
             return None
-        return {"image": image, "caption": item.get("caption", ""), "index": index}
+        return {"image": image, "caption": item.get("caption") or "", "index": index}
+
+
+def _source_for(path: Path) -> Dataset:
+    text = str(path)
+    if "{" in text:
+        shards = expand_braces(text)
+        missing = [s for s in shards if not Path(s).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{text}: {len(missing)} of {len(shards)} shards do not exist (first: {missing[0]})")
+        return TarShardDataset(shards)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or folder (expected a folder of {_LOOKED_FOR})")
+    if path.is_file():
+        if path.suffix.lower() == ".jsonl":
+            return JsonlDataset(path)
+        if path.suffix.lower() == ".tar":
+            return TarShardDataset([path])
+        raise ValueError(f"{path}: unsupported data file (expected a folder of {_LOOKED_FOR})")
+    folder = ImageFolderDataset(path)
+    tars = sorted(path.glob("*.tar"))
+    return TarShardDataset(tars) if len(folder) == 0 and tars else folder
 
 
 def open_dataset(
-    source: str | os.PathLike | Dataset, image_size: int, *, random_flip: bool = False, crop: str = "center"
+    source: str | os.PathLike | Dataset,
+    image_size: int,
+    *,
+    random_flip: bool = False,
+    crop: Literal["center", "random"] = "center",
 ) -> Dataset:
-    """A folder of images, a ``.jsonl``, tar shards (a ``.tar``, a brace pattern, or a folder of ``.tar``), or a
-    dataset of PIL items -> items ``{"image": (3, S, S) in [-1, 1], "caption", "index"}`` (or None)."""
-    if isinstance(source, Dataset):
-        raw: Dataset = source
-    else:
-        text = str(source)
-        path = Path(text)
-        if "{" in text and text.endswith(".tar"):
-            shards = expand_braces(text)
-            missing = [s for s in shards if not Path(s).exists()]
-            if missing:
-                raise FileNotFoundError(f"{text}: {len(missing)} of {len(shards)} shards do not exist (first: {missing[0]})")
-            raw = TarShards(shards)
-        elif not path.exists():
-            raise FileNotFoundError(f"{path}: no such file or folder (expected images, a .jsonl or .tar shards)")
-        elif path.suffix == ".jsonl":
-            raw = JsonlImages(path)
-        elif path.suffix == ".tar":
-            raw = TarShards([path])
-        elif path.is_dir() and any(path.glob("*.tar")) and not any(_is_image(p.name) for p in path.iterdir()):
-            raw = TarShards(sorted(path.glob("*.tar")))
-        else:
-            raw = ImageFolder(path)
+    """The right source for a path (image folder, ``.jsonl``, ``.tar``, brace pattern or folder of ``.tar``), or
+    a dataset of PIL items, all through the same transform. Raises FileNotFoundError when no images are found."""
+    if isinstance(source, (str, os.PathLike)):
+        raw = _source_for(Path(source))
         if len(raw) == 0:
-            raise FileNotFoundError(f"{path}: no images found (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
-    return Transformed(raw, image_size, random_flip=random_flip, crop=crop)
+            raise FileNotFoundError(f"{source}: no images found (looked for {_LOOKED_FOR})")
+    else:
+        raw = source
+    return TransformedDataset(raw, image_size, random_flip=random_flip, crop=crop)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Batching and order
-# ---------------------------------------------------------------------------------------------------------------
+# -- batching and order ----------------------------------------------------------------------------------------
 
 
 def collate(items: list[dict[str, Any] | None]) -> dict[str, Any]:
-    """Stack the readable items; ``skipped`` counts the unreadable ones. A batch of only unreadable items has
-    zero images (``images`` of shape ``(0,)``)."""
-    good = [i for i in items if i is not None]
+    """Stack the readable items, count the unreadable ones in ``skipped``. Always a dict: a batch where every item
+    was unreadable has ``images`` with ``shape[0] == 0`` (callers skip it), so ``skipped`` is never lost."""
+    good = [item for item in items if item is not None]
     return {
-        "images": torch.stack([i["image"] for i in good]) if good else torch.zeros(0),
-        "captions": [i["caption"] for i in good],
-        "indices": [i["index"] for i in good],
+        "images": torch.stack([item["image"] for item in good]) if good else torch.zeros(0),
+        "captions": [item["caption"] for item in good],
+        "indices": [item["index"] for item in good],
         "skipped": len(items) - len(good),
     }
 
 
 class ResumableSampler(Sampler[list[int]]):
-    """Batches of indices for endless epochs, each epoch a permutation seeded by ``seed + epoch``.
+    """Batches of indices for endless epochs; epoch ``e`` is the permutation drawn from ``seed + e``.
 
-    The order is a pure function of (seed, batch number), so a run that consumed ``start`` batches continues
-    with exactly the batch an uninterrupted run would take next; training loops pass their step count.
+    ``position`` counts the batches handed out and advances as each batch is yielded, so save ``state_dict()``
+    after consuming a batch: a sampler restored from it continues with exactly the batch that would have come next.
+    (Through ``make_loader`` it counts batches the loader delivered, not those its workers prefetched.)
     """
 
-    def __init__(self, length: int, batch_size: int, seed: int = 0, start: int = 0):
-        if length < batch_size:
-            raise ValueError(f"the dataset has {length} items, fewer than one batch of {batch_size}")
-        self.length, self.batch_size, self.seed, self.start = length, batch_size, seed, start
+    def __init__(self, dataset_len: int, batch_size: int, seed: int, drop_last: bool = True):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if dataset_len < 1 or (drop_last and dataset_len < batch_size):
+            raise ValueError(f"the dataset has {dataset_len} items, fewer than one batch of {batch_size}: lower batch_size")
+        self.dataset_len, self.batch_size, self.seed, self.drop_last = dataset_len, batch_size, seed, drop_last
+        self.batches_per_epoch = dataset_len // batch_size if drop_last else -(-dataset_len // batch_size)
+        self.position = 0
+
+    def state_dict(self) -> dict[str, int]:
+        epoch, batch = divmod(self.position, self.batches_per_epoch)
+        return {"epoch": epoch, "batch": batch}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        try:
+            epoch, batch = int(state["epoch"]), int(state["batch"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f'expected a sampler state {{"epoch": int, "batch": int}}, got {state!r}') from None
+        if epoch < 0 or not 0 <= batch < self.batches_per_epoch:
+            raise ValueError(f"sampler state {state} is outside epochs of {self.batches_per_epoch} batches")
+        self.position = epoch * self.batches_per_epoch + batch
 
     def __iter__(self) -> Iterator[list[int]]:
-        per_epoch = self.length // self.batch_size
-        epoch, batch = divmod(self.start, per_epoch)
+        epoch, batch = divmod(self.position, self.batches_per_epoch)
         while True:
-            order = torch.randperm(self.length, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
-            for b in range(batch, per_epoch):
-                yield order[b * self.batch_size : (b + 1) * self.batch_size]
+            order = torch.randperm(self.dataset_len, generator=torch.Generator().manual_seed(self.seed + epoch))
+            for b in range(batch, self.batches_per_epoch):
+                self.position = epoch * self.batches_per_epoch + b + 1
+                yield order[b * self.batch_size : (b + 1) * self.batch_size].tolist()
             epoch, batch = epoch + 1, 0
 
-    def __len__(self) -> int:
-        return self.length // self.batch_size
+
+class _DeliveredPositionLoader(DataLoader):
+    """Workers pull the sampler ahead of training; reset its position to the batches actually delivered."""
+
+    def __iter__(self) -> Iterator[Any]:
+        sampler, start = self.batch_sampler, self.batch_sampler.position
+        for delivered, batch in enumerate(super().__iter__(), start=1):
+            sampler.position = start + delivered
+            yield batch
 
 
 def make_loader(
     dataset: Dataset,
     batch_size: int,
     seed: int,
-    *,
-    start: int = 0,
     num_workers: int = 0,
-    collate_fn: Callable | None = None,
-) -> DataLoader:
-    """An endless loader in a seeded order that skips the ``start`` batches a resumed run already consumed."""
-    sampler = ResumableSampler(len(dataset), batch_size, seed, start)
-    return DataLoader(
-        dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_fn or collate, persistent_workers=num_workers > 0
+    start_state: dict[str, int] | int | None = None,
+    *,
+    collate_fn: Callable[[list[Any]], Any] = collate,
+) -> tuple[DataLoader, ResumableSampler]:
+    """An endless loader in the seeded order, resumed from ``start_state`` (a sampler ``state_dict()``, or the
+    number of batches already consumed). Save ``sampler.state_dict()`` after consuming a batch to resume there."""
+    sampler = ResumableSampler(len(dataset), batch_size, seed)
+    if isinstance(start_state, int):
+        sampler.position = start_state
+    elif start_state is not None:
+        sampler.load_state_dict(start_state)
+    # The loader's own generator: iter() draws a worker base seed, which must not advance the global RNG that a
+    # resumed run restores from its checkpoint (an extra draw there would change every later random number).
+    loader = _DeliveredPositionLoader(
+        dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_fn, generator=torch.Generator().manual_seed(seed)
     )
+    return loader, sampler

@@ -72,6 +72,10 @@ QUICK = {
     "generation.num_sampling_steps": 4,
 }
 UNDERSTANDING_STEPS = {"full": 250, "quick": 10}
+CACHED_IMAGES = {"full": 16_384, "quick": 2048}  # training images encoded once into the latent cache
+RECONSTRUCTION_IMAGES = {"full": 512, "quick": 64}  # held-out images for PSNR/SSIM
+SAMPLES_PER_PROMPT = {"full": 4, "quick": 1}
+PROMPTS_PER_TASK = {"full": None, "quick": 2}  # None: every evaluation prompt
 
 
 def run_demo(out: str | Path, *, quick: bool = False, progress: bool = True, samples_per_prompt: int | None = None) -> dict[str, Any]:
@@ -104,20 +108,20 @@ def run_demo(out: str | Path, *, quick: bool = False, progress: bool = True, sam
         train_autoencoder(preset, out / "ae-stage1", stage=1, data=train_data, progress=progress)
     with phases("3/6 VGT-AE stage 2"):
         ae_dir = train_autoencoder(preset, out / "ae-stage2", stage=2, init=out / "ae-stage1", data=train_data, progress=progress)
-        metrics["reconstruction"] = _reconstruction(ae_dir, size, 64 if quick else 512, progress)
+        metrics["reconstruction"] = _reconstruction(ae_dir, size, RECONSTRUCTION_IMAGES[mode], progress)
 
     with phases("4/6 latent cache + QueryAR"):
         from vgt_core.autoencoder import VGTAutoencoder
 
         ae = VGTAutoencoder.from_pretrained(ae_dir)
-        cached = ShapesDataset(world_options.model_copy(update={"size": 2048 if quick else 16_384}))
+        cached = ShapesDataset(world_options.model_copy(update={"size": CACHED_IMAGES[mode]}))
         cache_latents(ae, open_dataset(cached, size), out / "latents", batch_size=128, progress=progress)
         train_generator(preset, ae_dir, out / "ar", data=out / "latents", progress=progress)
 
     with phases("5/6 generation at 1, 4, 16 tokens per step"):
         world = ShapesWorld(image_size=size)
-        prompts = world.evaluation_prompts(per_task=2 if quick else None)
-        k = samples_per_prompt or (1 if quick else 4)
+        prompts = world.evaluation_prompts(per_task=PROMPTS_PER_TASK[mode])
+        k = samples_per_prompt or SAMPLES_PER_PROMPT[mode]
         pipe = VGTPipeline.from_pretrained(out / "ar" / "model")
         metrics["generation"] = {}
         for m in (1, 4, 16):

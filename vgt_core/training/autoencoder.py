@@ -112,7 +112,7 @@ def train_autoencoder(
             disc_schedule.load_state_dict(state["disc_schedule"])
         if ema is not None:
             ema.load_state_dict(state["ema"])
-    loader = make_loader(dataset, cfg.batch_size, cfg.seed, start=start, num_workers=cfg.num_workers)
+    loader, _ = make_loader(dataset, cfg.batch_size, cfg.seed, num_workers=cfg.num_workers, start_state=start)
 
     acc = run.accelerator
     ae, optimizer = acc.prepare(ae, optimizer)
@@ -135,6 +135,8 @@ def train_autoencoder(
     for step in range(start + 1, cfg.steps + 1):
         batch = next(batches)
         skipped_total += batch["skipped"]
+        if len(batch["images"]) == 0:
+            continue  # every image of this batch was unreadable: counted above, nothing to learn from
         images = batch["images"].to(acc.device)
         gan_on = use_gan and step > cfg.gan_start
 

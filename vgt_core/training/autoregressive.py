@@ -16,7 +16,7 @@ from torchvision.utils import save_image
 from vgt_core.autoencoder import VGTAutoencoder
 from vgt_core.compose import build_generator
 from vgt_core.config import Preset
-from vgt_core.data import make_loader, open_dataset
+from vgt_core.data import collate as image_collate, make_loader, open_dataset
 from vgt_core.generator import VGTGenerator
 from vgt_core.latents import LatentDataset, collate_latents, is_latent_cache
 from vgt_core.pipeline import VGTPipeline
@@ -49,7 +49,7 @@ def train_generator(
         if tuple(dataset.manifest["grid"]) != tuple(ae.grid) or dataset.manifest["channels"] != ae.latent_channels:
             raise ValueError(f"{data}: latents of grid {dataset.manifest['grid']} do not match the autoencoder's {list(ae.grid)}")
     else:
-        dataset, collate = open_dataset(data if data is not None else _named_dataset(preset), ae.image_size), None
+        dataset, collate = open_dataset(data if data is not None else _named_dataset(preset), ae.image_size), image_collate
 
     optimizer = torch.optim.AdamW(optimizer_groups(gen.named_parameters(), cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
     schedule = cosine_with_warmup(optimizer, cfg.warmup_steps, cfg.steps, cfg.end_lr / cfg.lr)
@@ -62,7 +62,7 @@ def train_generator(
         schedule.load_state_dict(state["schedule"])
         if ema is not None:
             ema.load_state_dict(state["ema"])
-    loader = make_loader(dataset, cfg.batch_size, cfg.seed, start=start, num_workers=cfg.num_workers, collate_fn=collate)
+    loader, _ = make_loader(dataset, cfg.batch_size, cfg.seed, num_workers=cfg.num_workers, start_state=start, collate_fn=collate)
 
     acc = run.accelerator
     gen, optimizer = acc.prepare(gen, optimizer)
@@ -78,6 +78,8 @@ def train_generator(
     for step in range(start + 1, cfg.steps + 1):
         batch = next(batches)
         skipped_total += batch["skipped"]
+        if not cached and len(batch["images"]) == 0:
+            continue  # every image of this batch was unreadable: counted above, nothing to learn from
         captions = batch["captions"]
         with torch.no_grad():
             latents = batch["latents"].to(acc.device) if cached else ae.encode(batch["images"].to(acc.device))
