@@ -112,6 +112,11 @@ def test_a_misspelled_hook_fails_loudly(register_plugin):
 
     with pytest.raises(pluggy.PluginValidationError, match="vgt_register_encoder"):
         register_plugin(Typo(), name="typo")
+    from vgt_core.plugins import plugin_manager
+
+    # The failed registration leaves nothing behind: no plugin, no spec-less hook.
+    assert not plugin_manager().has_plugin("typo")
+    assert not hasattr(plugin_manager().hook, "vgt_register_encoder")
 
 
 def test_env_switch_restricts_which_plugins_load():

@@ -73,7 +73,15 @@ def register_plugin(plugin: Any, name: str | None = None) -> str:
     global _registry
     pm = plugin_manager()
     registered = pm.register(plugin, name=name)
-    pm.check_pending()
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError:
+        # Leave the manager as it was: no half-registered plugin, no spec-less hook left behind.
+        pm.unregister(name=registered)
+        for hook_name, caller in list(vars(pm.hook).items()):
+            if isinstance(caller, pluggy.HookCaller) and caller.spec is None and not caller.get_hookimpls():
+                delattr(pm.hook, hook_name)
+        raise
     _registry = None
     return registered
 
