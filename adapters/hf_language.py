@@ -5,6 +5,8 @@ Only the base text model is kept (no vision tower, no LM head): VGT reads its hi
 
 from __future__ import annotations
 
+import inspect
+
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -111,10 +113,10 @@ class HFLanguageBackbone(nn.Module):
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=cache,
             use_cache=cache is not None,
+            **{_cache_keyword(self.lm): cache},
         )
-        return out.last_hidden_state, out.past_key_values
+        return out.last_hidden_state, out.get("cache", out.get("past_key_values"))
 
     def new_cache(self) -> DynamicCache:
         return DynamicCache(config=self.lm.config)
@@ -122,3 +124,9 @@ class HFLanguageBackbone(nn.Module):
     def export(self, folder: Path) -> dict:
         self.tokenizer.save_pretrained(folder)
         return export_config(self.config, folder, self.options, tokenizer=".")
+
+
+def _cache_keyword(lm: torch.nn.Module) -> str:
+    """transformers renamed ``past_key_values`` to ``cache`` during 5.x (the old name goes in 5.40): pass the KV
+    cache under whichever name this version's model takes."""
+    return "cache" if "cache" in inspect.signature(type(lm).forward).parameters else "past_key_values"
