@@ -83,7 +83,9 @@ def _stage2_defaults() -> AEStage:
 
 class AETraining(Strict):
     stage1: AEStage = Field(default_factory=AEStage)
-    stage2: AEStage = Field(default_factory=_stage2_defaults)
+    stage2: AEStage | None = Field(
+        default_factory=_stage2_defaults, description="null: no stage 2, the stage-1 model is final (Table 5's 'stage 1 only')"
+    )
 
 
 class ARTraining(Strict):

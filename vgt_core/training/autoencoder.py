@@ -53,7 +53,9 @@ def train_autoencoder(
     """Train one VGT-AE stage; returns the folder of the trained model (``OUT/model``)."""
     if stage not in (1, 2):
         raise ValueError(f"stage must be 1 or 2, got {stage}")
-    cfg: AEStage = preset.train_ae.stage1 if stage == 1 else preset.train_ae.stage2
+    cfg: AEStage | None = preset.train_ae.stage1 if stage == 1 else preset.train_ae.stage2
+    if cfg is None:
+        raise ValueError("this preset has no stage 2 (train_ae.stage2 is null): its stage-1 model is the final VGT-AE")
     if steps is not None:
         cfg = cfg.model_copy(update={"steps": steps})
     torch.manual_seed(cfg.seed)
