@@ -14,11 +14,10 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from vgt_adapters.hf_common import PretrainedOptions, torch_dtype
+from vgt_adapters.diffusers_common import DiffusersOptions, export_autoencoder, keep_half, load_autoencoder
 
 
-class DiffusersDecoderOptions(PretrainedOptions):
-    subfolder: str | None = Field(None, description="subfolder of `pretrained` holding the autoencoder")
+class DiffusersDecoderOptions(DiffusersOptions):
     latent_channels: int = Field(32, gt=0)
     resize: Literal["bilinear", "bicubic", "nearest"] = "bilinear"
 
@@ -32,23 +31,9 @@ class DiffusersDecoder(nn.Module):
         super().__init__()
         latent_channels = options.latent_channels
         self.options = options
-        if options.pretrained is not None and options.load_weights:
-            ae = self.model_class.from_pretrained(
-                options.pretrained, subfolder=options.subfolder, revision=options.revision, torch_dtype=torch.float32
-            )
-        else:
-            if options.pretrained is not None:
-                config = self.model_class.load_config(options.pretrained, subfolder=options.subfolder)
-            elif options.config is not None:
-                config = dict(options.config)
-            else:
-                raise ValueError("set `pretrained` (a hub id or folder) or `config` (the architecture)")
-            ae = self.model_class.from_config(config)
-        ae = self.adapt(ae, latent_channels)
+        ae = self.adapt(load_autoencoder(self.model_class, options), latent_channels)
         self.ae_config = dict(ae.config)
-        self.decoder = ae.decoder  # the encoder half is dropped
-        if options.dtype:
-            self.decoder.to(torch_dtype(options.dtype))
+        self.decoder = keep_half(ae.decoder, options)  # the encoder half is dropped
         self.latent_channels = latent_channels
         self.upsample = self.native_upsample(self.ae_config)
 
@@ -67,10 +52,4 @@ class DiffusersDecoder(nn.Module):
         return x
 
     def export(self, folder: Path) -> dict:
-        config = {k: v for k, v in self.ae_config.items() if not k.startswith("_")}
-        config["_class_name"] = self.model_class.__name__
-        from vgt_core.serialization import write_json
-
-        write_json(folder / "config.json", config)
-        update = {"pretrained": ".", "subfolder": None, "config": None, "load_weights": False, "revision": None}
-        return type(self.options).model_validate({**self.options.model_dump(), **update}).model_dump(mode="json")
+        return export_autoencoder(self.model_class, self.ae_config, self.options, folder)

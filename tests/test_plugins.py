@@ -20,6 +20,7 @@ from vgt_core.registry import Options
 BUILTIN = {
     ("encoder", "internvl3"),
     ("encoder", "qwen25vl"),
+    ("encoder", "dcae-encoder"),
     ("decoder", "dcae"),
     ("decoder", "sdvae"),
     ("decoder", "vit"),

@@ -1,0 +1,53 @@
+"""What every diffusers-backed component shares: where its autoencoder comes from, and its offline export.
+
+A component keeps one half of a diffusers autoencoder (the decoder for ``dcae``/``sdvae``, the encoder for
+``dcae-encoder``); both load the whole autoencoder the same way and export its config the same way, so that a
+saved VGT-AE rebuilds the architecture from its own folder without the hub.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from vgt_adapters.hf_common import PretrainedOptions, torch_dtype
+
+
+class DiffusersOptions(PretrainedOptions):
+    subfolder: str | None = Field(None, description="subfolder of `pretrained` holding the autoencoder")
+
+
+def load_autoencoder(model_class: Any, options: DiffusersOptions) -> nn.Module:
+    """The whole autoencoder: pretrained weights, or the architecture of ``pretrained``/``config`` (random)."""
+    if options.pretrained is not None and options.load_weights:
+        return model_class.from_pretrained(
+            options.pretrained, subfolder=options.subfolder, revision=options.revision, torch_dtype=torch.float32
+        )
+    if options.pretrained is not None:
+        config = model_class.load_config(options.pretrained, subfolder=options.subfolder)
+    elif options.config is not None:
+        config = dict(options.config)
+    else:
+        raise ValueError("set `pretrained` (a hub id or folder) or `config` (the architecture)")
+    return model_class.from_config(config)
+
+
+def keep_half(half: nn.Module, options: DiffusersOptions) -> nn.Module:
+    """The kept half in the requested dtype (float32 unless ``dtype`` is set)."""
+    return half.to(torch_dtype(options.dtype)) if options.dtype else half
+
+
+def export_autoencoder(model_class: Any, ae_config: dict, options: DiffusersOptions, folder: Path) -> dict:
+    """Write the autoencoder's config into ``folder``; return options that rebuild it from there, no weights."""
+    from vgt_core.serialization import write_json
+
+    config = {k: v for k, v in ae_config.items() if not k.startswith("_")}
+    config["_class_name"] = model_class.__name__
+    write_json(folder / "config.json", config)
+    update = {"pretrained": ".", "subfolder": None, "config": None, "load_weights": False, "revision": None}
+    return type(options).model_validate({**options.model_dump(), **update}).model_dump(mode="json")
+
