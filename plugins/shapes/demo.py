@@ -54,15 +54,20 @@ class Phases:
 def demo_preset(vlm: Path, quick: bool, preset: str = "shapes-demo", overrides: dict | None = None) -> Preset:
     """The ``shapes-demo`` preset with its encoder and backbone read from the understanding VLM folder."""
     book = load_presets()
-    changes: dict[str, Any] = {
+    changes = understanding_overrides(vlm)
+    if quick:
+        changes.update(QUICK)
+    return book.preset(preset, {**changes, **(overrides or {})})
+
+
+def understanding_overrides(vlm: Path) -> dict[str, Any]:
+    """Dotted overrides that load the encoder and the backbone from the understanding VLM folder."""
+    return {
         "encoder.options.pretrained": str(vlm),
         "encoder.options.config": None,
         "backbone.options.pretrained": str(vlm),
         "backbone.options.config": None,
     }
-    if quick:
-        changes.update(QUICK)
-    return book.preset(preset, {**changes, **(overrides or {})})
 
 
 QUICK = {
@@ -108,14 +113,10 @@ def run_demo(out: str | Path, *, quick: bool = False, progress: bool = True, sam
         train_autoencoder(preset, out / "ae-stage1", stage=1, data=train_data, progress=progress)
     with phases("3/6 VGT-AE stage 2"):
         ae_dir = train_autoencoder(preset, out / "ae-stage2", stage=2, init=out / "ae-stage1", data=train_data, progress=progress)
-        metrics["reconstruction"] = _reconstruction(ae_dir, size, RECONSTRUCTION_IMAGES[mode], progress)
+        metrics["reconstruction"] = reconstruction_metrics(ae_dir, size, RECONSTRUCTION_IMAGES[mode], progress)
 
     with phases("4/6 latent cache + QueryAR"):
-        from vgt_core.autoencoder import VGTAutoencoder
-
-        ae = VGTAutoencoder.from_pretrained(ae_dir)
-        cached = ShapesDataset(world_options.model_copy(update={"size": CACHED_IMAGES[mode]}))
-        cache_latents(ae, open_dataset(cached, size), out / "latents", batch_size=128, progress=progress)
+        cache_world_latents(ae_dir, world_options, CACHED_IMAGES[mode], out / "latents", progress)
         train_generator(preset, ae_dir, out / "ar", data=out / "latents", progress=progress)
 
     with phases("5/6 generation at 1, 4, 16 tokens per step"):
@@ -126,11 +127,8 @@ def run_demo(out: str | Path, *, quick: bool = False, progress: bool = True, sam
         metrics["generation"] = {}
         for m in (1, 4, 16):
             folder = out / ("geneval" if m == 1 else f"geneval-m{m}")
-            started = time.time()
-            images = pipe([p["prompt"] for p in prompts for _ in range(k)], tokens_per_step=m, seed=0, batch_size=128, progress=progress)
-            seconds = time.time() - started
-            write_geneval_folder(folder, [(p, images[i * k : (i + 1) * k]) for i, p in enumerate(prompts)])
-            metrics["generation"][f"tokens_per_step={m}"] = {"seconds": round(seconds, 1), "images": len(images)}
+            seconds = generate_geneval(pipe, prompts, k, folder, progress, tokens_per_step=m)
+            metrics["generation"][f"tokens_per_step={m}"] = {"seconds": round(seconds, 1), "images": len(prompts) * k}
 
     with phases("6/6 mini-GenEval and report"):
         for m in (1, 4, 16):
@@ -146,7 +144,25 @@ def run_demo(out: str | Path, *, quick: bool = False, progress: bool = True, sam
     return metrics
 
 
-def _reconstruction(ae_dir: Path, size: int, n: int, progress: bool) -> dict[str, Any]:
+def cache_world_latents(ae_dir: Path, world_options: ShapesOptions, n: int, out: Path, progress: bool) -> dict:
+    """Encode the first ``n`` training images of the world once, for AR training (MAR's trick)."""
+    from vgt_core.autoencoder import VGTAutoencoder
+
+    ae = VGTAutoencoder.from_pretrained(ae_dir)
+    cached = ShapesDataset(world_options.model_copy(update={"size": n}))
+    return cache_latents(ae, open_dataset(cached, world_options.image_size), out, batch_size=128, progress=progress)
+
+
+def generate_geneval(pipe: VGTPipeline, prompts: list[dict], k: int, folder: Path, progress: bool, **settings: Any) -> float:
+    """``k`` seeded images per evaluation prompt into a GenEval-layout folder; returns the generation seconds."""
+    started = time.time()
+    images = pipe([p["prompt"] for p in prompts for _ in range(k)], seed=0, batch_size=128, progress=progress, **settings)
+    seconds = time.time() - started
+    write_geneval_folder(folder, [(p, images[i * k : (i + 1) * k]) for i, p in enumerate(prompts)])
+    return seconds
+
+
+def reconstruction_metrics(ae_dir: Path, size: int, n: int, progress: bool) -> dict[str, Any]:
     """PSNR/SSIM of the final VGT-AE on shapes images it never saw."""
     from vgt_core.autoencoder import VGTAutoencoder
 
