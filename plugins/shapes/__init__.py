@@ -61,6 +61,15 @@ def vgt_add_commands(subparsers, command):
     p.add_argument("--quiet", action="store_true")
     command("eval-shapes")(_eval_shapes)
 
+    p = subparsers.add_parser("ablate", help="run an ablation matrix of registry.yaml on the toy world")
+    p.add_argument("--matrix", required=True, help="a matrix name (see `vgt presets`)")
+    p.add_argument("--out", required=True, help="folder for every cell, the shared artefacts and results.*")
+    p.add_argument("--steps", type=int, help="cap the training steps of every phase (smoke runs)")
+    p.add_argument("--quick", action="store_true", help="the demo's quick budgets for every cell")
+    p.add_argument("--registry", action="append", help="an extra registry.yaml (repeatable)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    command("ablate")(_ablate)
+
 
 def _demo(args) -> None:
     from vgt_plugins.shapes.demo import run_demo
@@ -73,6 +82,21 @@ def _demo(args) -> None:
         tasks = "  ".join(f"{t} {v:.2f}" for t, v in result["geneval"].items())
         print(f"{key}: overall {result['overall']:.3f}  ({tasks})")
     print(f"total {metrics['seconds']['total']:.0f} s; report: {args.out}/report.md")
+
+
+def _ablate(args) -> int:
+    from vgt_plugins.shapes.ablate import run_ablation
+
+    rows = run_ablation(args.matrix, args.out, steps=args.steps, quick=args.quick, progress=not args.quiet, registry=args.registry)
+    for row in rows:
+        if row["status"] == "ok":
+            print(f"{row['cell']:24} PSNR {row['psnr']:6.2f}  SSIM {row['ssim']:.4f}  GenEval {row['geneval_overall']:.3f}  "
+                  f"{row['gen_s_per_image']:.3f} s/image")
+        else:
+            print(f"{row['cell']:24} FAILED: {row['error']}")
+    failed = sum(row["status"] != "ok" for row in rows)
+    print(f"results: {args.out}/results.md" + (f"; {failed} cell(s) failed" if failed else ""))
+    return 1 if failed else 0
 
 
 def _eval_shapes(args) -> None:
