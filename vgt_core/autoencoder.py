@@ -15,16 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vgt_core.config import LatentNorm
-from vgt_core.serialization import (
-    CONFIG_NAME,
-    WEIGHTS_NAME,
-    atomic_folder,
-    load_weights,
-    read_json,
-    resolve_relative,
-    save_weights,
-    write_json,
-)
+from vgt_core.serialization import WEIGHTS_NAME, atomic_folder, load_weights, read_model_config, write_model_folder
 
 FORMAT = "vgt-autoencoder"
 
@@ -206,26 +197,13 @@ class VGTAutoencoder(nn.Module):
             self.write_into(tmp)
 
     def write_into(self, folder: Path) -> None:
-        config = self.config()
-        for role, module in (("encoder", self.encoder), ("decoder", self.decoder)):
-            sub = folder / role
-            sub.mkdir(exist_ok=True)
-            exported = module.export(sub) if hasattr(module, "export") else config[role]["options"]
-            config[role] = {"name": config[role]["name"], "options": exported}
-        write_json(folder / CONFIG_NAME, config)
-        save_weights(self, folder / WEIGHTS_NAME)
+        write_model_folder(folder, self, self.config(), {"encoder": self.encoder, "decoder": self.decoder})
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, map_location: str | torch.device = "cpu") -> VGTAutoencoder:
         """Rebuild from a folder written by ``save_pretrained``; nothing is downloaded."""
         folder = Path(folder)
-        config = read_json(folder / CONFIG_NAME)
-        if config.get("format") != FORMAT:
-            raise ValueError(f"{folder}: not a VGT autoencoder folder (format {config.get('format')!r})")
-        specs = {
-            role: {"name": config[role]["name"], "options": resolve_relative(config[role]["options"], folder / role)}
-            for role in ("encoder", "decoder")
-        }
+        config, specs = read_model_config(folder, FORMAT, "VGT autoencoder", ("encoder", "decoder"))
         model = cls.from_specs(
             specs["encoder"],
             specs["decoder"],

@@ -21,16 +21,7 @@ from torch import nn
 
 from vgt_core.config import GenerationConfig, GeneratorOptions, LatentNorm
 from vgt_core.flow import FlowHead, dimension_adaptive_shift, flow_matching_loss, guided, solve_flow
-from vgt_core.serialization import (
-    CONFIG_NAME,
-    WEIGHTS_NAME,
-    atomic_folder,
-    load_weights,
-    read_json,
-    resolve_relative,
-    save_weights,
-    write_json,
-)
+from vgt_core.serialization import WEIGHTS_NAME, atomic_folder, load_weights, read_model_config, write_model_folder
 
 FORMAT = "vgt-generator"
 
@@ -245,24 +236,13 @@ class VGTGenerator(nn.Module):
             self.write_into(tmp)
 
     def write_into(self, folder: Path) -> None:
-        config = self.config()
-        sub = folder / "backbone"
-        sub.mkdir(exist_ok=True)
-        if hasattr(self.backbone, "export"):
-            config["backbone"] = {"name": self.backbone_spec["name"], "options": self.backbone.export(sub)}
-        write_json(folder / CONFIG_NAME, config)
-        save_weights(self, folder / WEIGHTS_NAME)
+        write_model_folder(folder, self, self.config(), {"backbone": self.backbone})
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, map_location: str | torch.device = "cpu") -> VGTGenerator:
         folder = Path(folder)
-        config = read_json(folder / CONFIG_NAME)
-        if config.get("format") != FORMAT:
-            raise ValueError(f"{folder}: not a VGT generator folder (format {config.get('format')!r})")
-        backbone = {
-            "name": config["backbone"]["name"],
-            "options": resolve_relative(config["backbone"]["options"], folder / "backbone"),
-        }
+        config, specs = read_model_config(folder, FORMAT, "VGT generator", ("backbone",))
+        backbone = specs["backbone"]
         model = cls.from_specs(
             backbone,
             config["sampler"],

@@ -131,3 +131,28 @@ def resolve_relative(options: dict, base: Path, keys: tuple[str, ...] = ("pretra
         if isinstance(value, str) and not os.path.isabs(value) and (base / value).exists():
             options[key] = str(base / value)
     return options
+
+
+def write_model_folder(folder: Path, model: torch.nn.Module, config: dict, components: dict[str, torch.nn.Module]) -> None:
+    """``config.json`` + ``model.safetensors``; each component whose plugin can ``export`` writes its own offline
+    config (and tokenizer...) into ``folder/<role>`` and its spec points there, so the folder reloads without
+    the hub or the original paths."""
+    for role, module in components.items():
+        sub = folder / role
+        sub.mkdir(exist_ok=True)
+        if hasattr(module, "export"):
+            config[role] = {"name": config[role]["name"], "options": module.export(sub)}
+    write_json(folder / CONFIG_NAME, config)
+    save_weights(model, folder / WEIGHTS_NAME)
+
+
+def read_model_config(folder: Path, fmt: str, what: str, roles: tuple[str, ...]) -> tuple[dict, dict[str, dict]]:
+    """A model folder's config (its ``format`` checked) and each component's spec with paths made absolute."""
+    config = read_json(folder / CONFIG_NAME)
+    if config.get("format") != fmt:
+        raise ValueError(f"{folder}: not a {what} folder (format {config.get('format')!r})")
+    specs = {
+        role: {"name": config[role]["name"], "options": resolve_relative(config[role]["options"], folder / role)}
+        for role in roles
+    }
+    return config, specs
