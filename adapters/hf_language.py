@@ -116,7 +116,7 @@ class HFLanguageBackbone(nn.Module):
             use_cache=cache is not None,
             **{_cache_keyword(self.lm): cache},
         )
-        return out.last_hidden_state, out.get("cache", out.get("past_key_values"))
+        return out.last_hidden_state, next((out[key] for key in ("cache", "past_key_values") if key in out.keys()), None)
 
     def new_cache(self) -> DynamicCache:
         return DynamicCache(config=self.lm.config)
