@@ -28,7 +28,7 @@ import time
 import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import matplotlib
 
@@ -348,7 +348,7 @@ def flat(metrics: dict[str, Any]) -> dict[str, Any]:
 # -- results ----------------------------------------------------------------------------------------------------
 
 
-def write_results(out: Path, name: str, matrix: Matrix, rows: list[dict[str, Any]], notes: list[str] = ()) -> None:
+def write_results(out: Path, name: str, matrix: Matrix, rows: list[dict[str, Any]], notes: Sequence[str] = ()) -> None:
     """``results.csv`` (every column), ``results.md`` (the matrix's metrics) and ``results.png`` (bars)."""
     with open(out / "results.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)
