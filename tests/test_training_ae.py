@@ -42,7 +42,7 @@ def preset(**stage_overrides):
 
 def test_stage1_lowers_reconstruction_loss_by_a_large_factor(image_folder, tmp_path):
     out = train_autoencoder(
-        preset(stage1={"lr": 3e-3, "end_lr": 1e-4, "warmup_steps": 5}), tmp_path / "s1", stage=1, data=image_folder, steps=200, progress=False
+        preset(stage1={"lr": 3e-3, "end_lr": 1e-4, "warmup_steps": 5}), tmp_path / "s1", stage=1, data=image_folder, steps=300, progress=False
     )
     log = log_file(tmp_path / "s1")
     first, last = log[0]["mse"], sum(r["mse"] for r in log[-10:]) / 10
