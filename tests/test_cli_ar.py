@@ -20,6 +20,8 @@ TRAIN = ["--set", "train_ar.batch_size=4", "--set", "train_ar.sample_every=1000"
 def vgt(*args: str) -> subprocess.CompletedProcess:
     done = subprocess.run([sys.executable, "-m", "vgt_core.cli", *args], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+    if "--quiet" in args:
+        assert "it/s]" not in done.stderr, done.stderr[-500:]  # no progress bar, the libraries' own included
     return done
 
 

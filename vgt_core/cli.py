@@ -259,8 +259,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _silence_library_progress_bars() -> None:
+    """--quiet means no bars at all, the weight-loading bars of transformers and diffusers included."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    diffusers_logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "quiet", False):
+        _silence_library_progress_bars()
     try:
         return COMMANDS[args.command](args) or 0
     except (VGTError, FileNotFoundError) as exc:
