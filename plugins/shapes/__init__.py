@@ -81,6 +81,9 @@ def _demo(args) -> None:
     for key, result in metrics["generation"].items():
         tasks = "  ".join(f"{t} {v:.2f}" for t, v in result["geneval"].items())
         print(f"{key}: overall {result['overall']:.3f}  ({tasks})")
+    targets = metrics["targets"]
+    missed = [f"{name} (measured {t['measured']}, goal {t['target']})" for name, t in targets.items() if not t["met"]]
+    print("targets: " + ("all met" if not missed else "NOT met: " + "; ".join(missed)))
     print(f"total {metrics['seconds']['total']:.0f} s; report: {args.out}/report.md")
 
 

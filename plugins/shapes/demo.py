@@ -124,6 +124,8 @@ def run_demo(out: str | Path, *, quick: bool = False, progress: bool = True, sam
         prompts = world.evaluation_prompts(per_task=PROMPTS_PER_TASK[mode])
         k = samples_per_prompt or SAMPLES_PER_PROMPT[mode]
         pipe = VGTPipeline.from_pretrained(out / "ar" / "model")
+        metrics["latent_grid"] = list(pipe.autoencoder.grid)
+        tokens = pipe.autoencoder.grid[0] * pipe.autoencoder.grid[1]
         metrics["generation"] = {}
         for m in (1, 4, 16):
             folder = out / ("geneval" if m == 1 else f"geneval-m{m}")
@@ -135,13 +137,33 @@ def run_demo(out: str | Path, *, quick: bool = False, progress: bool = True, sam
             folder = out / ("geneval" if m == 1 else f"geneval-m{m}")
             scores = score_folder(folder)
             metrics["generation"][f"tokens_per_step={m}"].update(
-                {"geneval": scores["per_task"], "overall": scores["overall"], "lm_passes": 64 // m}
+                {"geneval": scores["per_task"], "overall": scores["overall"], "lm_passes": -(-tokens // m)}
             )
 
     metrics["seconds"] = {**phases.seconds, "total": round(time.time() - total, 1)}
+    metrics["targets"] = check_targets(metrics)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     write_report(out, metrics, understanding["losses"], {name: log_file(out / name) for name in ("ae-stage1", "ae-stage2", "ar")})
     return metrics
+
+
+# What the full demo should reach on a 2-core CPU (the toy-world issue's bar); reported, never tuned against.
+TARGETS = {"reconstruction_psnr": 25.0, "single_object_m1": 0.8, "colors_m1": 0.8, "total_seconds": 600.0}
+
+
+def check_targets(metrics: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each target with the measured value and whether it is met, so the report says plainly where the run stands."""
+    m1 = metrics["generation"]["tokens_per_step=1"]["geneval"]
+    measured = {
+        "reconstruction_psnr": metrics["reconstruction"]["psnr"],
+        "single_object_m1": m1.get("single_object", 0.0),
+        "colors_m1": m1.get("colors", 0.0),
+        "total_seconds": metrics["seconds"]["total"],
+    }
+    return {
+        name: {"target": goal, "measured": round(measured[name], 3), "met": bool(measured[name] <= goal if name == "total_seconds" else measured[name] >= goal)}
+        for name, goal in TARGETS.items()
+    }
 
 
 def cache_world_latents(ae_dir: Path, world_options: ShapesOptions, n: int, out: Path, progress: bool) -> dict:

@@ -104,6 +104,15 @@ def write_report(out: Path, metrics: dict[str, Any], understanding_losses: list[
             for key, v in gen.items()
         ),
         "",
+        "## Targets (full mode, 2-core CPU)",
+        "",
+        "| target | goal | measured | met |",
+        "|---|---|---|---|",
+        *(
+            f"| {name} | {'<=' if name == 'total_seconds' else '>='} {t['target']} | {t['measured']} | {'yes' if t['met'] else '**no**'} |"
+            for name, t in metrics.get("targets", {}).items()
+        ),
+        "",
         "## Wall time per phase (s)",
         "",
         *(f"- {name}: {sec:.0f}" for name, sec in metrics["seconds"].items()),
