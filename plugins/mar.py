@@ -17,9 +17,8 @@ from torch import nn
 
 from vgt_core import hookimpl
 from vgt_core.config import GenerationConfig
-from vgt_core.generator import PromptBatch, VGTGenerator, guidance_at, position_ids_from
+from vgt_core.generator import PromptBatch, VGTGenerator, decoding_orders, guidance_at, position_ids_from
 from vgt_core.registry import Options
-from vgt_plugins.queryar import generation_order
 
 
 class MAROptions(Options):
@@ -85,14 +84,11 @@ class MAR(nn.Module):
 
     @torch.no_grad()
     def generate(self, generator: VGTGenerator, prompts: PromptBatch, grid, config: GenerationConfig, rng: torch.Generator):
-        rows = prompts.embeds.shape[0]
-        b = rows // 2 if prompts.guided else rows
-        n = grid[0] * grid[1]
-        device = prompts.embeds.device
+        rows, n, device = prompts.embeds.shape[0], grid[0] * grid[1], prompts.embeds.device
         per_step = config.tokens_per_step if isinstance(config.tokens_per_step, int) else max(config.tokens_per_step)
         num_iter = config.num_iter or math.ceil(n / per_step)
-        order = generation_order(b, n, config.order, rng).to(device)
-        order_rows = torch.cat([order, order]) if prompts.guided else order
+        order, order_rows = decoding_orders(prompts, grid, config.order, rng)
+        b = order.shape[0]
 
         backbone = generator.backbone
         t = prompts.embeds.shape[1]

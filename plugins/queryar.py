@@ -22,7 +22,7 @@ from torch import nn
 
 from vgt_core import hookimpl
 from vgt_core.config import GenerationConfig
-from vgt_core.generator import PromptBatch, VGTGenerator, center_crop, guidance_at, position_ids_from
+from vgt_core.generator import PromptBatch, VGTGenerator, center_crop, decoding_orders, guidance_at, position_ids_from
 from vgt_core.registry import Options
 
 
@@ -44,13 +44,6 @@ def step_sizes(total: int, tokens_per_step: int | list[int]) -> list[int]:
     if sum(tokens_per_step) != total or min(tokens_per_step) < 1:
         raise ValueError(f"tokens_per_step schedule {tokens_per_step} must be positive and add up to {total} tokens")
     return list(tokens_per_step)
-
-
-def generation_order(rows: int, total: int, order: str, generator: torch.Generator) -> torch.Tensor:
-    """``(rows, total)`` position orders: a seeded random permutation per row, or raster."""
-    if order == "raster":
-        return torch.arange(total).expand(rows, total).clone()
-    return torch.stack([torch.randperm(total, generator=generator) for _ in range(rows)])
 
 
 class QueryAR(nn.Module):
@@ -111,12 +104,9 @@ class QueryAR(nn.Module):
 
     @torch.no_grad()
     def generate(self, generator: VGTGenerator, prompts: PromptBatch, grid, config: GenerationConfig, rng: torch.Generator):
-        rows = prompts.embeds.shape[0]
-        b = rows // 2 if prompts.guided else rows
-        n = grid[0] * grid[1]
-        device = prompts.embeds.device
-        order = generation_order(b, n, config.order, rng).to(device)
-        order_rows = torch.cat([order, order]) if prompts.guided else order  # both CFG branches share the order
+        rows, n, device = prompts.embeds.shape[0], grid[0] * grid[1], prompts.embeds.device
+        order, order_rows = decoding_orders(prompts, grid, config.order, rng)
+        b = order.shape[0]
         positions, queries = generator.positions(grid), self.queries(generator, grid)
         backbone = generator.backbone
 

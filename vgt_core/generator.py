@@ -46,6 +46,19 @@ def center_crop(grid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return grid[0, :, top : top + h, left : left + w].flatten(1).transpose(0, 1)
 
 
+def decoding_orders(prompts: PromptBatch, grid: tuple[int, int], order: str, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The order in which each image's positions are generated, ``(B, N)``: a seeded random permutation per image
+    or raster; and the same per prompt row ``(R, N)``, so both CFG branches of an image follow its order."""
+    rows = prompts.embeds.shape[0]
+    images, total = (rows // 2 if prompts.guided else rows), grid[0] * grid[1]
+    if order == "raster":
+        orders = torch.arange(total).expand(images, total).clone()
+    else:
+        orders = torch.stack([torch.randperm(total, generator=rng) for _ in range(images)])
+    orders = orders.to(prompts.embeds.device)
+    return orders, torch.cat([orders, orders]) if prompts.guided else orders
+
+
 def position_ids_from(mask: torch.Tensor) -> torch.Tensor:
     """1-D positions that skip padding: real tokens count 0, 1, 2, ... from each row's first real token."""
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
