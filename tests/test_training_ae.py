@@ -111,3 +111,5 @@ def test_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(image_fo
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     steps = [r["step"] for r in log_file(tmp_path / "killed")]
     assert steps == sorted(set(steps))  # the log has no duplicated steps after the resume
+    skipped = log_file(tmp_path / "straight")[-1]["skipped_images"]
+    assert skipped > 0 and log_file(tmp_path / "killed")[-1]["skipped_images"] == skipped  # the count survives

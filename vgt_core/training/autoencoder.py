@@ -130,15 +130,8 @@ def train_autoencoder(
     raw = acc.unwrap_model(ae)
 
     # -- loop --------------------------------------------------------------------------------------------------
-    run.start_progress(cfg.steps, start, f"VGT-AE stage {stage}")
-    batches = iter(loader)
-    skipped_total = 0
     ae.train()
-    for step in range(start + 1, cfg.steps + 1):
-        batch = next(batches)
-        skipped_total += batch["skipped"]
-        if len(batch["images"]) == 0:
-            continue  # every image of this batch was unreadable: counted above, nothing to learn from
+    for step, batch in run.batches(loader, start, cfg.steps, f"VGT-AE stage {stage}"):
         images = batch["images"].to(acc.device)
         gan_on = use_gan and step > cfg.gan_start
 
@@ -185,7 +178,7 @@ def train_autoencoder(
         scalars = {k: float(v.detach()) for k, v in losses.items()}
         run.advance(scalars)
         if step % cfg.log_every == 0 or step == cfg.steps:
-            run.log(step, {**scalars, "loss": float(total.detach()), "lr": schedule.get_last_lr()[0], "skipped_images": skipped_total})
+            run.log(step, {**scalars, "loss": float(total.detach()), "lr": schedule.get_last_lr()[0], "skipped_images": run.skipped})
         if step % cfg.sample_every == 0 or step == cfg.steps:
             _save_grid(run, step, images, recon)
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
@@ -203,8 +196,8 @@ def train_autoencoder(
     raw.eval()
     if acc.is_main_process:
         raw.save_pretrained(run.out / "model")
-    if skipped_total:
-        print(f"VGT-AE stage {stage}: skipped {skipped_total} unreadable images")
+    if run.skipped:
+        print(f"VGT-AE stage {stage}: skipped {run.skipped} unreadable images")
     run.finish()
     return run.out / "model"
 

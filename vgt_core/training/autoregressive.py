@@ -71,15 +71,8 @@ def train_generator(
         ema.to(acc.device)
     raw = acc.unwrap_model(gen)
 
-    run.start_progress(cfg.steps, start, "VGT-AR")
-    batches = iter(loader)
-    skipped_total = 0
     gen.train()
-    for step in range(start + 1, cfg.steps + 1):
-        batch = next(batches)
-        skipped_total += batch["skipped"]
-        if not cached and len(batch["images"]) == 0:
-            continue  # every image of this batch was unreadable: counted above, nothing to learn from
+    for step, batch in run.batches(loader, start, cfg.steps, "VGT-AR"):
         captions = batch["captions"]
         with torch.no_grad():
             latents = batch["latents"].to(acc.device) if cached else ae.encode(batch["images"].to(acc.device))
@@ -98,7 +91,7 @@ def train_generator(
         value = float(loss.detach())
         run.advance({"loss": value})
         if step % cfg.log_every == 0 or step == cfg.steps:
-            run.log(step, {"loss": value, "lr": schedule.get_last_lr()[0], "skipped_images": skipped_total})
+            run.log(step, {"loss": value, "lr": schedule.get_last_lr()[0], "skipped_images": run.skipped})
         if step % cfg.sample_every == 0 or step == cfg.steps:
             _save_samples(run, step, raw, ae, captions[:8], preset)
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:

@@ -18,7 +18,7 @@ import math
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 from accelerate import Accelerator
@@ -85,6 +85,7 @@ class TrainingRun:
         self.device = self.accelerator.device
         self.show_progress = progress and self.accelerator.is_main_process
         self.bar: tqdm | None = None
+        self.skipped = 0  # unreadable images met so far, across resumes (it travels in the checkpoints)
         if preset is not None and self.accelerator.is_main_process:
             write_json(self.out / "preset.json", preset)
 
@@ -103,7 +104,7 @@ class TrainingRun:
         with atomic_folder(self.out / CHECKPOINTS / f"step-{step:08d}") as tmp:
             for name, module in modules.items():
                 save_weights(self.accelerator.unwrap_model(module), tmp / f"{name}.safetensors")
-            save_tree({"step": step, "rng": rng_state(), **state}, tmp, "state")
+            save_tree({"step": step, "rng": rng_state(), "skipped": self.skipped, **state}, tmp, "state")
         for old in self.checkpoints()[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
 
@@ -116,6 +117,7 @@ class TrainingRun:
             load_weights(self.accelerator.unwrap_model(module), found[-1] / f"{name}.safetensors")
         state = load_tree(found[-1], "state")
         set_rng_state(state.pop("rng"))
+        self.skipped = state.pop("skipped", 0)
         self._truncate_log(state["step"])
         return state
 
@@ -127,6 +129,18 @@ class TrainingRun:
             path.write_text("".join(line + "\n" for line in kept))
 
     # -- logs ---------------------------------------------------------------------------------------------------
+
+    def batches(self, loader: Iterable[dict[str, Any]], start: int, total: int, desc: str) -> Iterator[tuple[int, dict[str, Any]]]:
+        """``(step, batch)`` for steps ``start + 1 .. total``, the progress bar running. Unreadable images are
+        counted in ``skipped``; a batch they left empty is passed over, its step spent as in an uninterrupted run."""
+        self.start_progress(total, start, desc)
+        batches = iter(loader)
+        for step in range(start + 1, total + 1):
+            batch = next(batches)
+            self.skipped += batch["skipped"]
+            if len(batch["captions"]) == 0:
+                continue  # nothing readable to learn from; the count above keeps the loss of data visible
+            yield step, batch
 
     def start_progress(self, total: int, initial: int, desc: str) -> None:
         if self.show_progress:
