@@ -57,6 +57,7 @@ class HFLanguageBackbone(nn.Module):
         if options.gradient_checkpointing:
             self.lm.gradient_checkpointing_enable()
         self.hidden_size = self.config.text_config.hidden_size
+        self._cache_keyword = _cache_keyword(self.lm)  # once: forward runs on every decoding step
         self.tokenizer = self._load_tokenizer(options)
         start = options.image_start_token or self.default_image_start
         vocab = self.tokenizer.get_vocab()
@@ -114,7 +115,7 @@ class HFLanguageBackbone(nn.Module):
             attention_mask=attention_mask,
             position_ids=position_ids,
             use_cache=cache is not None,
-            **{_cache_keyword(self.lm): cache},
+            **{self._cache_keyword: cache},
         )
         return out.last_hidden_state, next((out[key] for key in ("cache", "past_key_values") if key in out.keys()), None)
 

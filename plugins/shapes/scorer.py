@@ -32,13 +32,13 @@ _DIRECTION_NORMS = (_DIRECTIONS**2).sum(1)
 # fill 0.73-0.85 of their box, squares 0.92-1, triangles 0.5-0.84; boxes are square up to rasterisation).
 FILL_RANGE = {"circle": (0.62, 0.93), "square": (0.8, 1.0), "triangle": (0.42, 0.88)}
 MAX_ASPECT = 1.45
-MIN_COVERAGE = 0.5
+MIN_COVERAGE = 0.5  # a pixel must be at least half colour to belong to an object
 # Ink outside every detected object, as a share of the image: ground truth stays under 0.06 even blurred
 # (radius 1.5) and noisy at 32 px, random colour fields and pixel noise sit above 0.65. Above this the image is
 # not a scene of the world and fails every task (GenEval's detector finds nothing in noise; ours must not).
 MAX_STRAY = 0.15
 MAX_RESIDUAL = 48.0  # how far (RGB) a pixel may sit from its white-to-colour line
-MIN_AREA_FRAC = 0.01  # half the smallest object the world draws (a triangle in a box of 0.2 of the side)  # a pixel must be at least half colour to belong to an object
+MIN_AREA_FRAC = 0.01  # half the smallest object the world draws (a triangle in a box of 0.2 of the side)
 RELATION_MARGIN = 0.1  # GenEval's margin, a fraction of the two boxes' summed sizes
 
 
