@@ -31,6 +31,11 @@ class QueryAROptions(Options):
         [1], description="query group sizes shown in training, one drawn per sample ([1] = upstream)"
     )
     train_order: Literal["random", "raster"] = Field("random", description="order of positions in training")
+    position_ids: Literal["sequence", "grid"] = Field(
+        "sequence",
+        description="the LM's (RoPE) position of an image slot: its place in the sequence (upstream) or its place "
+        "in the latent grid, as the VLM numbers image tokens when it reads an image",
+    )
 
 
 def step_sizes(total: int, tokens_per_step: int | list[int]) -> list[int]:
@@ -93,12 +98,22 @@ class QueryAR(nn.Module):
 
         embeds = torch.cat([prompts.embeds, image], dim=1)
         mask = torch.cat([prompts.mask, torch.ones(b, 2 * n, dtype=prompts.mask.dtype, device=device)], dim=1)
-        hidden, _ = generator.backbone(embeds, mask, position_ids_from(mask))
+        ids = position_ids_from(mask)
+        if self.options.position_ids == "grid":
+            ids[:, prompts.embeds.shape[1] :] = self._grid_ids(prompts, slot_pos)
+        hidden, _ = generator.backbone(embeds, mask, ids)
         hidden = hidden[:, prompts.embeds.shape[1] :]
         read = hidden[slot_query].view(b, n, -1)  # the state at each query, in sequence order
         target_pos = slot_pos[slot_query].view(b, n)
         targets = tokens.gather(1, target_pos[..., None].expand(-1, -1, tokens.shape[-1]))
         return read, targets, torch.ones(b, n, device=device)
+
+    @staticmethod
+    def _grid_ids(prompts: PromptBatch, grid_index: torch.Tensor) -> torch.Tensor:
+        """RoPE positions of image slots at raster indices ``grid_index`` ``(R, k)``: right after each row's
+        text, numbered by place in the grid, so a query and the latents around it keep the offsets the VLM
+        saw between image tokens in understanding, whatever the order."""
+        return prompts.mask.sum(1, keepdim=True) + grid_index
 
     # -- generation ---------------------------------------------------------------------------------------------
 
@@ -113,7 +128,9 @@ class QueryAR(nn.Module):
         out = torch.zeros(b, n, generator.latent_channels, device=device, dtype=positions.dtype)
         cache = backbone.new_cache() if config.use_cache else None
         mask, sequence = prompts.mask, prompts.embeds
+        ids = position_ids_from(mask)
         pending: torch.Tensor | None = None  # the latents drawn in the last step, not yet fed to the LM
+        pending_idx = order_rows[:, :0]
         done = 0
         for m in step_sizes(n, config.tokens_per_step):
             idx = order_rows[:, done : done + m]
@@ -121,16 +138,20 @@ class QueryAR(nn.Module):
             if pending is not None:
                 new = torch.cat([pending, new], dim=1)
             mask = torch.cat([mask, torch.ones(rows, new.shape[1], dtype=mask.dtype, device=device)], dim=1)
+            if self.options.position_ids == "grid":
+                ids = torch.cat([ids, self._grid_ids(prompts, torch.cat([pending_idx, idx], dim=1))], dim=1)
+            else:
+                ids = position_ids_from(mask)
             if cache is not None:
                 inputs = new if done else torch.cat([prompts.embeds, new], dim=1)
-                hidden, cache = backbone(inputs, mask, position_ids_from(mask)[:, -inputs.shape[1] :], cache)
+                hidden, cache = backbone(inputs, mask, ids[:, -inputs.shape[1] :], cache)
             else:  # reference path: the whole sequence again, every step
                 sequence = torch.cat([sequence, new], dim=1)
-                hidden, _ = backbone(sequence, mask, position_ids_from(mask))
+                hidden, _ = backbone(sequence, mask, ids)
             z = generator.sample_tokens(hidden[:, -m:], prompts, config, guidance_at(config, done, m, n), rng)
             out.scatter_(1, order[:, done : done + m, None].expand(-1, -1, z.shape[-1]), z.to(out.dtype))
             z_rows = torch.cat([z, z]) if prompts.guided else z
-            pending = generator.embed_latents(z_rows, positions[idx])
+            pending, pending_idx = generator.embed_latents(z_rows, positions[idx]), idx
             done += m
         return out
 

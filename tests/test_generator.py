@@ -32,13 +32,51 @@ def randomize_head(gen: VGTGenerator) -> VGTGenerator:
 
 @pytest.mark.parametrize("preset", ["tiny-internvl3", "tiny-qwen25vl"])
 @pytest.mark.parametrize("m", [1, 4, 16])
-def test_kv_cached_generation_equals_the_cache_free_reference(preset, m):
-    gen = randomize_head(tiny_generator(preset=preset))
+@pytest.mark.parametrize("position_ids", ["sequence", "grid"])
+def test_kv_cached_generation_equals_the_cache_free_reference(preset, m, position_ids):
+    gen = randomize_head(tiny_generator(preset=preset, sampler_options={"position_ids": position_ids}))
     config = GenerationConfig(tokens_per_step=m, num_sampling_steps=4, guidance_scale=3.0, seed=7)
     cached = gen.generate(PROMPTS, (4, 4), config)
     reference = gen.generate(PROMPTS, (4, 4), config.model_copy(update={"use_cache": False}))
     torch.testing.assert_close(cached, reference, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(cached, gen.generate(PROMPTS, (4, 4), config.model_copy(update={"seed": 8})))
+
+
+@pytest.mark.parametrize("position_ids", ["sequence", "grid"])
+def test_generation_reads_the_states_training_reads(position_ids):
+    """Fed the latents it drew, in the order it drew them, training's forward pass computes the same LM state at
+    every query as generation did: the two build the same sequence with the same positions (RoPE included)."""
+    gen = randomize_head(tiny_generator(sampler_options={"position_ids": position_ids, "train_order": "raster"}))
+    seen = []
+    original = gen.sample_tokens
+    gen.sample_tokens = lambda hidden, *a: seen.append(hidden) or original(hidden, *a)
+    config = GenerationConfig(tokens_per_step=1, num_sampling_steps=2, guidance_scale=1.0, order="raster", seed=0)
+    latents = gen.generate(PROMPTS, (4, 4), config)
+    tokens = latents.flatten(2).transpose(1, 2)
+    read, targets, _ = gen.sampler.training_targets(gen, tokens, (4, 4), gen.embed_prompts(PROMPTS))
+    torch.testing.assert_close(read, torch.cat(seen, dim=1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(targets, tokens)
+
+
+def test_grid_position_ids_number_image_slots_by_their_place_in_the_grid():
+    """Query and latent of grid position i both sit at RoPE position len(text) + i, in any order, for
+    left-padded prompts of any length; the default numbers slots by their place in the sequence (upstream)."""
+    ids = {}
+    for mode in ("sequence", "grid"):
+        gen = tiny_generator(sampler_options={"position_ids": mode})
+        original = gen.backbone.forward
+        gen.backbone.forward = lambda e, m, pos, *a: ids.__setitem__(mode, (pos, m)) or original(e, m, pos, *a)
+        torch.manual_seed(3)
+        gen(torch.randn(2, 32, 4, 4), PROMPTS)
+    pos, mask = ids["grid"]
+    text = mask[:, :-32].sum(1)
+    image = pos[:, -32:] - text[:, None]
+    for row in image:
+        queries, latents = row[0::2], row[1::2]  # [Q, z] pairs in the drawn order
+        assert torch.equal(queries, latents) and sorted(queries.tolist()) == list(range(16))
+        assert not torch.equal(queries, torch.arange(16))  # a random order, not raster
+    pos, _ = ids["sequence"]
+    assert torch.equal(pos[:, -32:] - text[:, None], torch.arange(32).expand(2, 32))
 
 
 def test_padding_does_not_leak_into_any_step():
