@@ -91,8 +91,8 @@ def test_failing_cell_is_recorded_and_the_others_still_run(two, registry, capsys
     assert code == 1  # the run went on, then reported the failure
     table = {r["cell"]: r for r in read_csv(out / "results.csv")}
     assert table["bad-schedule"]["status"] == "failed"
-    assert "add up to 64" in table["bad-schedule"]["error"]
-    assert "add up to 64" in (out / "bad-schedule" / "error.txt").read_text()
+    assert "add up to 16" in table["bad-schedule"]["error"]  # the 4x4 latent
+    assert "add up to 16" in (out / "bad-schedule" / "error.txt").read_text()
     assert not (out / "bad-schedule" / "metrics.json").exists()  # so the next run tries it again
     assert table["m16"]["status"] == "ok" and table["m16"]["geneval_overall"] != ""
     assert "Failed cells" in (out / "results.md").read_text()
@@ -142,7 +142,7 @@ def test_shipped_matrices_expand_to_the_paper_cells_and_validate():
 
 
 def test_every_shipped_cell_builds_an_autoencoder_with_the_base_latent():
-    """A long ablation must not fail on a cell whose architecture does not fit: 8x8x32 latents at 32 px."""
+    """A long ablation must not fail on a cell whose architecture does not fit: 4x4x32 latents at 32 px."""
     import torch
 
     from vgt_core.compose import build_autoencoder
@@ -153,7 +153,7 @@ def test_every_shipped_cell_builds_an_autoencoder_with_the_base_latent():
         matrix = book.matrix(name)
         for label, overrides in matrix.expand().items():
             out = build_autoencoder(book.preset(matrix.base, overrides))(images)
-            assert out["latents"].shape == (2, 32, 8, 8), (name, label)
+            assert out["latents"].shape == (2, 32, 4, 4), (name, label)
             assert out["reconstruction"].shape == images.shape, (name, label)
 
 

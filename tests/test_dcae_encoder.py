@@ -14,7 +14,7 @@ from vgt_plugins.shapes import ShapesDataset, ShapesOptions
 
 
 def pixel_vae_preset(**stage1):
-    """shapes-demo with the `pairing` matrix's pixel-VAE encoder (32 px, DC-AE encoder, 8x8 latent)."""
+    """shapes-demo with the `pairing` matrix's pixel-VAE encoder (32 px, DC-AE encoder, 4x4 latent)."""
     book = load_presets()
     overrides = dict(book.matrix("pairing").cells["pixel-vae"])
     overrides.update({f"train_ae.stage1.{k}": v for k, v in stage1.items()})
@@ -24,12 +24,12 @@ def pixel_vae_preset(**stage1):
 def test_dcae_encoder_makes_a_32_channel_latent_and_exports_offline(tmp_path):
     torch.manual_seed(0)
     ae = build_autoencoder(pixel_vae_preset()).eval()
-    assert ae.encoder.downsample == 4 and ae.encoder.feature_dim == 32
+    assert ae.encoder.downsample == 8 and ae.encoder.feature_dim == 32
     images = torch.rand(3, 3, 32, 32) * 2 - 1
     with torch.no_grad():
         features, z = ae.features(images), ae.encode(images)
-        assert features.shape == (3, 64, 32)  # the 8x8 latent map in raster order
-        assert z.shape == (3, 32, 8, 8)
+        assert features.shape == (3, 16, 32)  # the 4x4 latent map in raster order
+        assert z.shape == (3, 32, 4, 4)
         assert ae.decode(z).shape == images.shape
     ae.save_pretrained(tmp_path / "ae")
     again = VGTAutoencoder.from_pretrained(tmp_path / "ae")  # rebuilt from its own folder, nothing else
@@ -41,7 +41,7 @@ def test_dcae_encoder_rejects_a_size_it_cannot_read():
     from vgt_core.plugins import registry
 
     options = pixel_vae_preset().encoder.options
-    with pytest.raises(ValueError, match="image size 30x30 is not a multiple of 4"):
+    with pytest.raises(ValueError, match="image size 30x30 is not a multiple of 8"):
         registry().build("encoder", "dcae-encoder", {**options, "image_size": 30})
 
 
