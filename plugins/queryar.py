@@ -10,6 +10,10 @@ so each group of queries sees the earlier groups' queries and latents, but not e
 Upstream trains on single [Q, z] pairs only, so at m > 1 the model meets m queries in a row that it never
 saw in training. ``train_group_sizes`` also shows it groups [Q_g (m queries), z_g (m latents)], the exact
 layout generation uses; with [1] (the default) training is upstream's.
+
+``position_ids`` chooses the RoPE position of image slots: ``sequence`` (upstream) counts them along the sequence,
+so in a random order the offset between a query and an earlier latent is random; ``grid`` gives the query and
+the latent of grid position i both ``len(prompt) + i``, so attention sees where the latents sit in the image.
 """
 
 from __future__ import annotations
