@@ -102,9 +102,7 @@ class QueryAR(nn.Module):
 
         embeds = torch.cat([prompts.embeds, image], dim=1)
         mask = torch.cat([prompts.mask, torch.ones(b, 2 * n, dtype=prompts.mask.dtype, device=device)], dim=1)
-        ids = position_ids_from(mask)
-        if self.options.position_ids == "grid":
-            ids[:, prompts.embeds.shape[1] :] = self._grid_ids(prompts, slot_pos)
+        ids = torch.cat([position_ids_from(prompts.mask), self._image_ids(prompts, 0, slot_pos)], dim=1)
         hidden, _ = generator.backbone(embeds, mask, ids)
         hidden = hidden[:, prompts.embeds.shape[1] :]
         read = hidden[slot_query].view(b, n, -1)  # the state at each query, in sequence order
@@ -112,12 +110,14 @@ class QueryAR(nn.Module):
         targets = tokens.gather(1, target_pos[..., None].expand(-1, -1, tokens.shape[-1]))
         return read, targets, torch.ones(b, n, device=device)
 
-    @staticmethod
-    def _grid_ids(prompts: PromptBatch, grid_index: torch.Tensor) -> torch.Tensor:
-        """RoPE positions of image slots at raster indices ``grid_index`` ``(R, k)``: right after each row's
-        text, numbered by place in the grid, so a query and the latents around it keep the offsets the VLM
-        saw between image tokens in understanding, whatever the order."""
-        return prompts.mask.sum(1, keepdim=True) + grid_index
+    def _image_ids(self, prompts: PromptBatch, fed: int, grid_index: torch.Tensor) -> torch.Tensor:
+        """RoPE positions of the next image slots, ``(R, k)``, right after each row's text: slots ``fed`` to
+        ``fed + k - 1`` of the image part (``sequence``), or their raster indices ``grid_index`` (``grid``), so
+        that a query and the latents around it keep the offsets the VLM saw between image tokens, in any order."""
+        text = prompts.mask.sum(1, keepdim=True)
+        if self.options.position_ids == "grid":
+            return text + grid_index
+        return text + fed + torch.arange(grid_index.shape[1], device=grid_index.device)
 
     # -- generation ---------------------------------------------------------------------------------------------
 
@@ -135,17 +135,15 @@ class QueryAR(nn.Module):
         ids = position_ids_from(mask)
         pending: torch.Tensor | None = None  # the latents drawn in the last step, not yet fed to the LM
         pending_idx = order_rows[:, :0]
-        done = 0
+        done = fed = 0  # tokens drawn; image slots given to the LM
         for m in step_sizes(n, config.tokens_per_step):
             idx = order_rows[:, done : done + m]
             new = queries[idx]  # (rows, m, D)
             if pending is not None:
                 new = torch.cat([pending, new], dim=1)
             mask = torch.cat([mask, torch.ones(rows, new.shape[1], dtype=mask.dtype, device=device)], dim=1)
-            if self.options.position_ids == "grid":
-                ids = torch.cat([ids, self._grid_ids(prompts, torch.cat([pending_idx, idx], dim=1))], dim=1)
-            else:
-                ids = position_ids_from(mask)
+            ids = torch.cat([ids, self._image_ids(prompts, fed, torch.cat([pending_idx, idx], dim=1))], dim=1)
+            fed += new.shape[1]
             if cache is not None:
                 inputs = new if done else torch.cat([prompts.embeds, new], dim=1)
                 hidden, cache = backbone(inputs, mask, ids[:, -inputs.shape[1] :], cache)
