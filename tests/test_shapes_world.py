@@ -8,7 +8,9 @@ from collections import Counter
 import numpy as np
 import pytest
 from PIL import Image
+from pydantic import ValidationError
 
+from vgt_plugins.shapes import ShapesDataset, ShapesOptions
 from vgt_plugins.shapes.world import (
     BACKGROUND,
     COLORS,
@@ -137,6 +139,23 @@ def test_invalid_settings_are_refused():
         ShapesWorld(64, tasks=["counting", "spatial"])
     with pytest.raises(IndexError):
         ShapesWorld(64).sample(-1)
+
+
+def test_dataset_options_set_the_object_sizes_of_every_world_they_make():
+    options = ShapesOptions(image_size=32, size=40, min_object_frac=0.3, max_object_frac=0.4)
+    for world in (ShapesDataset(options).world, options.world(seed=7)):
+        sizes = [o.size for i in range(40) for o in world.sample(i).objects]
+        assert 0.3 <= min(sizes) and max(sizes) <= 0.4
+    assert options.world(seed=7).seed == 7 and options.world().seed == options.seed
+    default = [o.size for i in range(40) for o in ShapesDataset(ShapesOptions(image_size=32, size=40)).world.sample(i).objects]
+    assert min(default) < 0.3  # the world's own range (0.2-0.36) when the options do not say
+
+
+def test_bad_object_sizes_name_the_key():
+    with pytest.raises(ValidationError, match="max_object_frac"):
+        ShapesOptions(min_object_frac=0.35, max_object_frac=0.3)
+    with pytest.raises(ValidationError, match="max_object_frac"):
+        ShapesOptions(max_object_frac=0.5)  # four objects would not fit
 
 
 def test_write_geneval_folder_layout(tmp_path):

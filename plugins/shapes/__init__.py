@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch.utils.data import Dataset
 
 from vgt_core import hookimpl
 from vgt_core.registry import Options
-from vgt_plugins.shapes.world import TASKS, ShapesWorld
+from vgt_plugins.shapes.world import MAX_OBJECT_FRAC, TASKS, ShapesWorld
 
 
 Task = Literal["single_object", "two_object", "counting", "colors", "position", "color_attr"]
@@ -25,6 +25,24 @@ class ShapesOptions(Options):
     size: int = Field(10_000, gt=0, description="number of samples (index i is a pure function of seed and i)")
     seed: int = 0
     tasks: list[Task] | None = Field(None, description="a subset of the six tasks (default: all, equal mix)")
+    min_object_frac: float = Field(0.2, gt=0, le=MAX_OBJECT_FRAC, description="smallest object box, a fraction of the side")
+    max_object_frac: float = Field(0.36, gt=0, le=MAX_OBJECT_FRAC, description="largest object box; four must fit")
+
+    @model_validator(mode="after")
+    def _sizes_in_order(self) -> ShapesOptions:
+        if self.min_object_frac > self.max_object_frac:
+            raise ValueError(f"min_object_frac ({self.min_object_frac}) must not exceed max_object_frac ({self.max_object_frac})")
+        return self
+
+    def world(self, seed: int | None = None) -> ShapesWorld:
+        """The world these options describe, with another ``seed`` if given (e.g. held-out images)."""
+        return ShapesWorld(
+            image_size=self.image_size,
+            seed=self.seed if seed is None else seed,
+            tasks=self.tasks,
+            min_object_frac=self.min_object_frac,
+            max_object_frac=self.max_object_frac,
+        )
 
 
 class ShapesDataset(Dataset):
@@ -32,7 +50,7 @@ class ShapesDataset(Dataset):
 
     def __init__(self, options: ShapesOptions):
         self.options = options
-        self.world = ShapesWorld(image_size=options.image_size, seed=options.seed, tasks=options.tasks)
+        self.world = options.world()
 
     def __len__(self) -> int:
         return self.options.size
@@ -76,7 +94,9 @@ def _demo(args) -> None:
 
     metrics = run_demo(args.out, quick=args.quick, progress=not args.quiet)
     rec = metrics["reconstruction"]
-    print(f"\nunderstanding: token accuracy {metrics['understanding']['after']['token_accuracy']:.3f}")
+    understood = metrics["understanding"]["after"]
+    print(f"\nunderstanding: token accuracy {understood['token_accuracy']:.3f}  "
+          f"(shape words {understood['shape_accuracy']:.2f}, colour words {understood['color_accuracy']:.2f})")
     print(f"reconstruction: PSNR {rec['psnr']:.2f} dB  SSIM {rec['ssim']:.4f}")
     for key, result in metrics["generation"].items():
         tasks = "  ".join(f"{t} {v:.2f}" for t, v in result["geneval"].items())

@@ -131,7 +131,8 @@ class Ablation:
         self.out = Path(out).resolve()
         self.shared = self.out / "shared"
         self.steps, self.quick, self.progress, self.budget = steps, quick, progress, budget
-        self.vlm_spec = {"config": self.base.encoder.options["config"], "image_size": self.base.image_size,
+        world = {**self.base.dataset.options, "image_size": self.base.image_size or self.base.dataset.options["image_size"]}
+        self.vlm_spec = {"config": self.base.encoder.options["config"], "world": ShapesOptions.model_validate(world).model_dump(),
                          "steps": self.budget.understanding_steps, "eval_images": self.budget.understanding_eval_images}
         self.vlm = self.shared / f"vlm-{digest(self.vlm_spec, self.out)}"
         # A shared generator is trained (its samples, its saved defaults) with the base's generation settings:
@@ -207,7 +208,7 @@ class Ablation:
              "reconstruction_images": self.budget.reconstruction_images},
             lambda out: {
                 "manifest": demo.cache_world_latents(ae_dir, world, self.budget.cached_images, out, self.progress),
-                "reconstruction": demo.reconstruction_metrics(ae_dir, size, self.budget.reconstruction_images, self.progress),
+                "reconstruction": demo.reconstruction_metrics(ae_dir, world, self.budget.reconstruction_images, self.progress),
             },
         )
         trained = preset.model_copy(update={"generation": self.base_generation})
@@ -286,7 +287,7 @@ class Ablation:
         self._say(f"   understanding VLM: pre-training {self.vlm.relative_to(self.out)}")
         spec = self.vlm_spec
         result = pretrain_understanding(
-            spec["config"], self.vlm, image_size=spec["image_size"], steps=spec["steps"],
+            spec["config"], self.vlm, world=ShapesOptions.model_validate(spec["world"]), steps=spec["steps"],
             eval_images=spec["eval_images"], progress=self.progress,
         )
         write_json(self.vlm / DONE, {"before": result["before"], "after": result["after"], "seconds": round(result["seconds"], 1), "spec": spec})

@@ -97,14 +97,14 @@ def run_demo(out: str | Path, *, quick: bool = False, progress: bool = True, sam
     mode = "quick" if quick else "full"
     base = load_presets().preset("shapes-demo")
     size = base.image_size
-    world_options = ShapesOptions(image_size=size, size=base.dataset.options["size"])
+    world_options = ShapesOptions.model_validate({**base.dataset.options, "image_size": size})
     metrics: dict[str, Any] = {"mode": mode, "image_size": size}
     total = time.time()
 
     with phases("1/6 VLM understanding pre-training"):
         vlm = out / "vlm"
         understanding = pretrain_understanding(
-            base.encoder.options["config"], vlm, image_size=size, steps=UNDERSTANDING_STEPS[mode], progress=progress
+            base.encoder.options["config"], vlm, world=world_options, steps=UNDERSTANDING_STEPS[mode], progress=progress
         )
         metrics["understanding"] = {"before": understanding["before"], "after": understanding["after"]}
     preset = demo_preset(vlm, quick)
@@ -114,7 +114,7 @@ def run_demo(out: str | Path, *, quick: bool = False, progress: bool = True, sam
         train_autoencoder(preset, out / "ae-stage1", stage=1, data=train_data, progress=progress)
     with phases("3/6 VGT-AE stage 2"):
         ae_dir = train_autoencoder(preset, out / "ae-stage2", stage=2, init=out / "ae-stage1", data=train_data, progress=progress)
-        metrics["reconstruction"] = reconstruction_metrics(ae_dir, size, RECONSTRUCTION_IMAGES[mode], progress)
+        metrics["reconstruction"] = reconstruction_metrics(ae_dir, world_options, RECONSTRUCTION_IMAGES[mode], progress)
 
     with phases("4/6 latent cache + QueryAR"):
         cache_world_latents(ae_dir, world_options, CACHED_IMAGES[mode], out / "latents", progress)
@@ -185,11 +185,11 @@ def generate_geneval(pipe: VGTPipeline, prompts: list[dict], k: int, folder: Pat
     return seconds
 
 
-def reconstruction_metrics(ae_dir: Path, size: int, n: int, progress: bool) -> dict[str, Any]:
-    """PSNR/SSIM of the final VGT-AE on shapes images it never saw."""
+def reconstruction_metrics(ae_dir: Path, world_options: ShapesOptions, n: int, progress: bool) -> dict[str, Any]:
+    """PSNR/SSIM of the final VGT-AE on ``n`` images of the world that training never saw."""
     from vgt_core.autoencoder import VGTAutoencoder
 
-    held_out = ShapesDataset(ShapesOptions(image_size=size, size=n, seed=HELD_OUT_SEED))
-    loader = torch.utils.data.DataLoader(open_dataset(held_out, size), batch_size=64, collate_fn=collate)
+    held_out = ShapesDataset(world_options.model_copy(update={"size": n, "seed": HELD_OUT_SEED}))
+    loader = torch.utils.data.DataLoader(open_dataset(held_out, world_options.image_size), batch_size=64, collate_fn=collate)
     result = evaluate_reconstruction(VGTAutoencoder.from_pretrained(ae_dir), loader, "cpu", progress=progress)
     return {"psnr": result["psnr"], "ssim": result["ssim"], "images": result["n_images"]}

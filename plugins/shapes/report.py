@@ -85,9 +85,10 @@ def write_report(out: Path, metrics: dict[str, Any], understanding_losses: list[
         "",
         "## Understanding (the VLM before generation tuning)",
         "",
-        "| | token accuracy | descriptions fully right |",
-        "|---|---|---|",
-        *(f"| {k} | {v['token_accuracy']:.3f} | {v['exact_match']:.3f} |" for k, v in metrics["understanding"].items()),
+        "| | token accuracy | shape words | colour words | descriptions fully right |",
+        "|---|---|---|---|---|",
+        *(f"| {k} | {v['token_accuracy']:.3f} | {v['shape_accuracy']:.3f} | {v['color_accuracy']:.3f} | {v['exact_match']:.3f} |"
+          for k, v in metrics["understanding"].items()),
         "",
         "## Reconstruction (VGT-AE after stage 2, held-out images)",
         "",

@@ -4,7 +4,8 @@ trained for understanding).
 The real transformers InternVL3 classes at toy size learn to describe shapes images — image ->
 "a photo of a red circle , a blue square and a green triangle" (objects left to right) — through their own
 forward: image tokens scattered into the prompt, cross-entropy on the description. Understanding is scored on
-held-out images: token accuracy and the share of descriptions right in every word (both teacher-forced).
+held-out images, teacher-forced: token accuracy, the share of descriptions right in every word, and the accuracy
+on the shape words and on the colour words alone (what the generator will have to draw).
 The trained folder (weights + word-level tokenizer) is then the ``pretrained`` of both the ``internvl3``
 encoder and the ``internvl3-lm`` backbone.
 """
@@ -21,8 +22,9 @@ from tqdm.auto import tqdm
 from transformers import InternVLConfig, InternVLForConditionalGeneration
 
 from vgt_adapters.hf_vision import IMAGENET_MEAN, IMAGENET_STD
+from vgt_plugins.shapes import ShapesOptions
 from vgt_plugins.shapes.tokenizer import build_tokenizer
-from vgt_plugins.shapes.world import ShapesSample, ShapesWorld
+from vgt_plugins.shapes.world import COLORS, SHAPES, ShapesSample
 
 IMAGE_TOKEN = "<IMG_CONTEXT>"
 INSTRUCTION = "describe the image ."
@@ -66,10 +68,15 @@ class CaptionBatcher:
 
 
 @torch.no_grad()
-def understanding_accuracy(model: InternVLForConditionalGeneration, batches: list[dict]) -> dict[str, float]:
-    """Teacher-forced accuracy on the description tokens, and the share of descriptions right in full."""
+def understanding_accuracy(
+    model: InternVLForConditionalGeneration, batches: list[dict], words: dict[str, list[int]] | None = None
+) -> dict[str, float]:
+    """Teacher-forced accuracy on the description tokens, the share of descriptions right in full, and for each
+    group of ``words`` (name -> token ids) the accuracy on the tokens of that group (``<name>_accuracy``)."""
     model.eval()
+    words = {name: torch.tensor(ids) for name, ids in (words or {}).items()}
     right = total = exact = count = 0
+    group_right, group_total = dict.fromkeys(words, 0), dict.fromkeys(words, 0)
     for batch in batches:
         logits = model(**batch).logits[:, :-1]
         labels = batch["labels"][:, 1:]
@@ -79,15 +86,20 @@ def understanding_accuracy(model: InternVLForConditionalGeneration, batches: lis
         total += int(scored.sum())
         exact += int((hit | ~scored).all(1).sum())
         count += labels.shape[0]
+        for name, ids in words.items():
+            in_group = torch.isin(labels, ids)
+            group_right[name] += int(hit[in_group].sum())
+            group_total[name] += int(in_group.sum())
     model.train()
-    return {"token_accuracy": right / total, "exact_match": exact / count}
+    groups = {f"{name}_accuracy": group_right[name] / max(group_total[name], 1) for name in words}
+    return {"token_accuracy": right / total, "exact_match": exact / count, **groups}
 
 
 def pretrain_understanding(
     config: dict,
     out_dir: str | Path,
     *,
-    image_size: int,
+    world: ShapesOptions,
     steps: int,
     batch_size: int = 32,
     lr: float = 2e-3,
@@ -95,19 +107,21 @@ def pretrain_understanding(
     eval_images: int = 256,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Train a tiny InternVL3 to describe shapes images; save it with its tokenizer to ``out_dir``; return
-    held-out accuracy before and after, the losses and the time taken."""
+    """Train a tiny InternVL3 to describe images of ``world`` (its size and objects; ``seed`` seeds the model and
+    the training images); save it with its tokenizer to ``out_dir``; return held-out accuracy before and after
+    (overall, on shape words, on colour words), the losses and the time taken."""
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
     config = {**config, "image_token_id": tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)}
     config["text_config"] = {**config["text_config"], "vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id}
     model = InternVLForConditionalGeneration(InternVLConfig.from_dict(config))
     vision = model.config.vision_config
-    grid = int(image_size // vision.patch_size[0] * model.config.downsample_ratio)
+    grid = int(world.image_size // vision.patch_size[0] * model.config.downsample_ratio)
     batcher = CaptionBatcher(tokenizer, grid * grid)
-    train, held_out = ShapesWorld(image_size=image_size, seed=seed), ShapesWorld(image_size=image_size, seed=seed + 10_000)
+    train, held_out = world.world(seed), world.world(seed + 10_000)
     eval_batches = [batcher([held_out.sample(i) for i in range(j, min(j + 128, eval_images))]) for j in range(0, eval_images, 128)]
-    before = understanding_accuracy(model, eval_batches)
+    words = {"shape": tokenizer.convert_tokens_to_ids(list(SHAPES)), "color": tokenizer.convert_tokens_to_ids(list(COLORS))}
+    before = understanding_accuracy(model, eval_batches, words)
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.05)
@@ -122,7 +136,7 @@ def pretrain_understanding(
         optimizer.step()
         schedule.step()
         losses.append(loss.item())
-    after = understanding_accuracy(model, eval_batches)
+    after = understanding_accuracy(model, eval_batches, words)
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
