@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 
 from vgt_core import hookimpl
 from vgt_core.registry import Options
-from vgt_plugins.shapes.world import MAX_OBJECT_FRAC, TASKS, ShapesWorld
+from vgt_plugins.shapes.world import MAX_OBJECT_FRAC, OBJECT_FRAC, TASKS, ShapesWorld
 
 
 Task = Literal["single_object", "two_object", "counting", "colors", "position", "color_attr"]
@@ -25,8 +25,8 @@ class ShapesOptions(Options):
     size: int = Field(10_000, gt=0, description="number of samples (index i is a pure function of seed and i)")
     seed: int = 0
     tasks: list[Task] | None = Field(None, description="a subset of the six tasks (default: all, equal mix)")
-    min_object_frac: float = Field(0.2, gt=0, le=MAX_OBJECT_FRAC, description="smallest object box, a fraction of the side")
-    max_object_frac: float = Field(0.36, gt=0, le=MAX_OBJECT_FRAC, description="largest object box; four must fit")
+    min_object_frac: float = Field(OBJECT_FRAC[0], gt=0, le=MAX_OBJECT_FRAC, description="smallest object box, a fraction of the side")
+    max_object_frac: float = Field(OBJECT_FRAC[1], gt=0, le=MAX_OBJECT_FRAC, description="largest object box; four must fit")
 
     @model_validator(mode="after")
     def _sizes_in_order(self) -> ShapesOptions:

@@ -55,6 +55,7 @@ GAP = 0.06  # free space between two objects' boxes, so blurred objects never me
 POSITION_GAP = 0.08  # larger gap along a relation's axis keeps the relation unambiguous
 POSITION_JITTER = 0.04  # misalignment across a relation's axis
 MAX_OBJECT_FRAC = (1 - 2 * MARGIN) / 2 - GAP  # largest size for which four objects always fit (2x2 grid)
+OBJECT_FRAC = (0.2, 0.36)  # the default range of object sizes
 
 
 @dataclass(frozen=True)
@@ -210,8 +211,8 @@ class ShapesWorld:
         image_size: int = 64,
         seed: int = 0,
         tasks: Sequence[str] | None = None,
-        min_object_frac: float = 0.2,
-        max_object_frac: float = 0.36,
+        min_object_frac: float = OBJECT_FRAC[0],
+        max_object_frac: float = OBJECT_FRAC[1],
         holdout_seed: int = HOLDOUT_SEED,
     ) -> None:
         if image_size < 16:
