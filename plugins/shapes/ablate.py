@@ -131,8 +131,7 @@ class Ablation:
         self.out = Path(out).resolve()
         self.shared = self.out / "shared"
         self.steps, self.quick, self.progress, self.budget = steps, quick, progress, budget
-        world = {**self.base.dataset.options, "image_size": self.base.image_size or self.base.dataset.options["image_size"]}
-        self.vlm_spec = {"config": self.base.encoder.options["config"], "world": ShapesOptions.model_validate(world).model_dump(),
+        self.vlm_spec = {"config": self.base.encoder.options["config"], "world": demo.world_of(self.base).model_dump(),
                          "steps": self.budget.understanding_steps, "eval_images": self.budget.understanding_eval_images}
         self.vlm = self.shared / f"vlm-{digest(self.vlm_spec, self.out)}"
         # A shared generator is trained (its samples, its saved defaults) with the base's generation settings:
@@ -198,8 +197,8 @@ class Ablation:
     def _run_cell(self, label: str, preset: Preset, folder: Path) -> dict[str, Any]:
         if self._uses_vlm(preset):
             self._pretrain_understanding()
-        size = preset.image_size or preset.dataset.options["image_size"]
-        world = ShapesOptions.model_validate({**preset.dataset.options, "image_size": size})
+        world = demo.world_of(preset)
+        size = world.image_size
 
         ae_dir, ae_seconds = self.autoencoder(preset, world)
         latents_dir, evaluation = self.artifact(

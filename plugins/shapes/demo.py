@@ -60,6 +60,12 @@ def demo_preset(vlm: Path, quick: bool, preset: str = "shapes-demo", overrides: 
     return book.preset(preset, {**changes, **(overrides or {})})
 
 
+def world_of(preset: Preset) -> ShapesOptions:
+    """The shapes world a preset trains on (its ``dataset`` options), at the preset's image size."""
+    options = preset.dataset.options
+    return ShapesOptions.model_validate({**options, "image_size": preset.image_size or options["image_size"]})
+
+
 def understanding_overrides(vlm: Path) -> dict[str, Any]:
     """Dotted overrides that load the encoder and the backbone from the understanding VLM folder."""
     return {
@@ -97,8 +103,8 @@ def run_demo(out: str | Path, *, quick: bool = False, progress: bool = True, sam
     phases = Phases(progress)
     mode = "quick" if quick else "full"
     base = load_presets().preset("shapes-demo")
-    size = base.image_size
-    world_options = ShapesOptions.model_validate({**base.dataset.options, "image_size": size})
+    world_options = world_of(base)
+    size = world_options.image_size
     metrics: dict[str, Any] = {"mode": mode, "image_size": size}
     total = time.time()
 
