@@ -118,6 +118,11 @@ class GeneratorOptions(Strict):
     head_width: int = Field(1536, gt=0)
     head_batch_mul: int = Field(1, gt=0, description="t samples per token per step (MAR's diffusion_batch_mul)")
     max_grid: int = Field(64, gt=0, description="side of the learnable position/query grids; larger latents fail")
+    head_time_scale: float = Field(
+        1.0,
+        gt=0,
+        description="the head embeds scale * t: 1 feeds t in [0, 1] as upstream's head does; 1000 is the DiT convention",
+    )
     time_shift: Union[float, Literal["auto"]] = Field(
         "auto", description="training noise shift; auto = sqrt(h*w*C/4096) (dimension-adaptive)"
     )

@@ -15,11 +15,15 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10_000.0) -> torch.Tensor:
-    """Sinusoidal features of scalar times ``(M,)`` -> ``(M, dim)`` (t is scaled to [0, 1000])."""
+def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10_000.0, scale: float = 1.0) -> torch.Tensor:
+    """Sinusoidal features of scalar times ``(M,)`` -> ``(M, dim)``, of ``scale * t``.
+
+    Upstream's head (NextStep-1's SimpleMLPAdaLN) feeds t in [0, 1] as it is (scale 1); DiT-style heads feed
+    t * 1000. The two are different functions: weights trained with one do not transfer to the other.
+    """
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = (t.float() * 1000)[:, None] * freqs[None]
+    args = (t.float() * scale)[:, None] * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
@@ -43,9 +47,9 @@ class FlowHead(nn.Module):
     """v(x_t, t, c): input projection, ``depth`` adaLN residual blocks conditioned on time + c, final adaLN
     layer. Modulations and the output are zero-initialised, so the head starts by predicting 0."""
 
-    def __init__(self, channels: int, cond_dim: int, width: int, depth: int, time_dim: int = 256):
+    def __init__(self, channels: int, cond_dim: int, width: int, depth: int, time_dim: int = 256, time_scale: float = 1.0):
         super().__init__()
-        self.time_dim = time_dim
+        self.time_dim, self.time_scale = time_dim, time_scale
         self.input_proj = nn.Linear(channels, width)
         self.time_embed = nn.Sequential(nn.Linear(time_dim, width), nn.SiLU(), nn.Linear(width, width))
         self.cond_embed = nn.Linear(cond_dim, width)
@@ -71,7 +75,7 @@ class FlowHead(nn.Module):
             nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        y = self.time_embed(timestep_embedding(t, self.time_dim).to(x.dtype)) + self.cond_embed(cond)
+        y = self.time_embed(timestep_embedding(t, self.time_dim, scale=self.time_scale).to(x.dtype)) + self.cond_embed(cond)
         h = self.input_proj(x)
         for block in self.blocks:
             h = block(h, y)

@@ -102,7 +102,7 @@ class VGTGenerator(nn.Module):
         self.latent_in = nn.Linear(latent_channels, d)
         self.position_grid = nn.Parameter(torch.empty(1, d, options.max_grid, options.max_grid))
         self.latent_out = nn.Linear(d, d)
-        self.head = FlowHead(latent_channels, d, options.head_width, options.head_depth)
+        self.head = FlowHead(latent_channels, d, options.head_width, options.head_depth, time_scale=options.head_time_scale)
         for linear in (self.latent_in, self.latent_out):
             nn.init.normal_(linear.weight, std=0.02)
             nn.init.zeros_(linear.bias)
@@ -256,6 +256,8 @@ class VGTGenerator(nn.Module):
         folder = Path(folder)
         config, specs = read_model_config(folder, FORMAT, "VGT generator", ("backbone",))
         backbone = specs["backbone"]
+        # folders written before the option existed were trained with the head embedding 1000 * t
+        config["options"].setdefault("head_time_scale", 1000.0)
         model = cls.from_specs(
             backbone,
             config["sampler"],
