@@ -6,7 +6,7 @@ Only the base text model is kept (no vision tower, no LM head): VGT reads its hi
 from __future__ import annotations
 
 import inspect
-
+import warnings
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -80,7 +80,9 @@ class HFLanguageBackbone(nn.Module):
 
     # -- ARBackbone ---------------------------------------------------------------------------------------------
 
-    def token_ids(self, prompt: str) -> list[int]:
+    def token_ids(self, prompt: str, max_tokens: int | None = None) -> list[int]:
+        """The prompt's ids (chat template, then the image-start token); the text part is cut to ``max_tokens``
+        as upstream's tokenizer call (``max_length``, truncation) does."""
         if self.options.use_chat_template and self.tokenizer.chat_template:
             ids = self.tokenizer.apply_chat_template(
                 [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=False
@@ -88,12 +90,19 @@ class HFLanguageBackbone(nn.Module):
         else:
             ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
         ids = list(ids)
+        if max_tokens is not None and len(ids) > max_tokens:
+            warnings.warn(
+                f"a prompt of {len(ids)} tokens was cut to its first {max_tokens} (generator.max_prompt_tokens): "
+                f"{prompt[:60]!r}...",
+                stacklevel=2,
+            )
+            ids = ids[:max_tokens]
         if self.image_start_id is not None:
             ids.append(self.image_start_id)
         return ids
 
-    def embed_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = [self.token_ids(p) for p in prompts]
+    def embed_prompts(self, prompts: list[str], max_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = [self.token_ids(p, max_tokens) for p in prompts]
         length = max(len(i) for i in ids)
         device = self.lm.get_input_embeddings().weight.device
         input_ids = torch.full((len(ids), length), self.pad_id, dtype=torch.long, device=device)

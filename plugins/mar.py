@@ -80,7 +80,7 @@ class MAR(nn.Module):
         mask2d = torch.cat([prompts.mask, prompts.mask.new_ones(b, n)], dim=1)
         attention = full_attention_mask(prompts.mask, n, embeds.dtype)
         hidden, _ = generator.backbone(embeds, attention, position_ids_from(mask2d))
-        return hidden[:, prompts.embeds.shape[1] :], tokens, masked.float()
+        return hidden[:, prompts.embeds.shape[1] :], torch.arange(n, device=tokens.device).expand(b, n), masked.float()
 
     @torch.no_grad()
     def generate(self, generator: VGTGenerator, prompts: PromptBatch, grid, config: GenerationConfig, rng: torch.Generator):

@@ -6,6 +6,10 @@ and the hidden state at Q_pi(k) predicts z_pi(k). Generation with m tokens per s
 the m latents drawn in the previous step and the next m queries, using the LM's KV cache:
     [prompt, Q_g1] -> z_g1;  [z_g1, Q_g2] -> z_g2;  ...      (N/m passes)
 so each group of queries sees the earlier groups' queries and latents, but not each other's latents.
+Upstream's released code lays out m > 1 differently (``generation.parallel_layout: upstream``): it feeds the
+last group's queries again, each followed by its latent, before the next queries:
+    [prompt, Q_g1] -> z_g1;  [Q_g1,1, z_g1,1, ..., Q_g1,m, z_g1,m, Q_g2] -> z_g2;  ...
+and splits N tokens into N // m steps with the remainder spread over the first (``step_split: balanced``).
 
 Upstream trains on single [Q, z] pairs only, so at m > 1 the model meets m queries in a row that it never
 saw in training. ``train_group_sizes`` also shows it groups [Q_g (m queries), z_g (m latents)], the exact
@@ -42,12 +46,19 @@ class QueryAROptions(Options):
     )
 
 
-def step_sizes(total: int, tokens_per_step: int | list[int]) -> list[int]:
-    """How many tokens each generation step samples: ``m`` repeated (the last step takes the rest), or an
-    explicit schedule that must add up to the number of tokens."""
+def step_sizes(total: int, tokens_per_step: int | list[int], split: str = "fixed") -> list[int]:
+    """How many tokens each generation step samples, or an explicit schedule that must add up to the number
+    of tokens. ``fixed``: ``m`` a step, the last step takes the rest; ``balanced`` (upstream's scheduler):
+    ``total // m`` steps of near-equal size, the larger ones first."""
     if isinstance(tokens_per_step, int):
         if tokens_per_step < 1:
             raise ValueError(f"tokens_per_step must be >= 1, got {tokens_per_step}")
+        if split == "balanced":
+            steps = max(1, total // tokens_per_step)
+            base, rest = divmod(total, steps)
+            return [base + 1] * rest + [base] * (steps - rest)
+        if split != "fixed":
+            raise ValueError(f"unknown step_split {split!r}; allowed: 'fixed', 'balanced'")
         full, rest = divmod(total, tokens_per_step)
         return [tokens_per_step] * full + ([rest] if rest else [])
     if sum(tokens_per_step) != total or min(tokens_per_step) < 1:
@@ -106,9 +117,7 @@ class QueryAR(nn.Module):
         hidden, _ = generator.backbone(embeds, mask, ids)
         hidden = hidden[:, prompts.embeds.shape[1] :]
         read = hidden[slot_query].view(b, n, -1)  # the state at each query, in sequence order
-        target_pos = slot_pos[slot_query].view(b, n)
-        targets = tokens.gather(1, target_pos[..., None].expand(-1, -1, tokens.shape[-1]))
-        return read, targets, torch.ones(b, n, device=device)
+        return read, slot_pos[slot_query].view(b, n), torch.ones(b, n, device=device)
 
     def _image_ids(self, prompts: PromptBatch, fed: int, grid_index: torch.Tensor) -> torch.Tensor:
         """RoPE positions of the next image slots, ``(R, k)``, right after each row's text: slots ``fed`` to
@@ -133,10 +142,13 @@ class QueryAR(nn.Module):
         cache = backbone.new_cache() if config.use_cache else None
         mask, sequence = prompts.mask, prompts.embeds
         ids = position_ids_from(mask)
-        pending: torch.Tensor | None = None  # the latents drawn in the last step, not yet fed to the LM
+        sizes = step_sizes(n, config.tokens_per_step, config.step_split)
+        # upstream's layout at m > 1 feeds the last step's queries again, each followed by its latent
+        interleave = config.parallel_layout == "upstream" and max(sizes) > 1
+        pending: torch.Tensor | None = None  # the slots of the last step, not yet fed to the LM
         pending_idx = order_rows[:, :0]
         done = fed = 0  # tokens drawn; image slots given to the LM
-        for m in step_sizes(n, config.tokens_per_step):
+        for step, m in enumerate(sizes):
             idx = order_rows[:, done : done + m]
             new = queries[idx]  # (rows, m, D)
             if pending is not None:
@@ -150,10 +162,14 @@ class QueryAR(nn.Module):
             else:  # reference path: the whole sequence again, every step
                 sequence = torch.cat([sequence, new], dim=1)
                 hidden, _ = backbone(sequence, mask, ids)
-            z = generator.sample_tokens(hidden[:, -m:], prompts, config, guidance_at(config, done, m, n), rng)
+            # guidance follows the steps, as upstream's schedule does (equal to a token count when steps are equal)
+            z = generator.sample_tokens(hidden[:, -m:], prompts, config, guidance_at(config, step, 1, len(sizes)), rng)
             out.scatter_(1, order[:, done : done + m, None].expand(-1, -1, z.shape[-1]), z.to(out.dtype))
             z_rows = torch.cat([z, z]) if prompts.guided else z
             pending, pending_idx = generator.embed_latents(z_rows, positions[idx]), idx
+            if interleave:
+                pending = torch.stack([queries[idx], pending], dim=2).flatten(1, 2)  # [Q1, z1, Q2, z2, ...]
+                pending_idx = idx.repeat_interleave(2, dim=1)
             done += m
         return out
 

@@ -13,7 +13,7 @@ import os
 import re
 import typing
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -119,13 +119,24 @@ class GeneratorOptions(Strict):
     head_batch_mul: int = Field(1, gt=0, description="t samples per token per step (MAR's diffusion_batch_mul)")
     max_grid: int = Field(64, gt=0, description="side of the learnable position/query grids; larger latents fail")
     head_time_scale: float = Field(
-        1.0,
+        1000.0,
         gt=0,
-        description="the head embeds scale * t: 1 feeds t in [0, 1] as upstream's head does; 1000 is the DiT convention",
+        description="the head embeds scale * t: 1 feeds t in [0, 1] as upstream's head does (converted upstream "
+        "models need it); 1000 is the DiT convention, measured better in the toy world (docs/ablations.md)",
     )
     time_shift: Union[float, Literal["auto"]] = Field(
         "auto", description="training noise shift; auto = sqrt(h*w*C/4096) (dimension-adaptive)"
     )
+    max_prompt_tokens: int | None = Field(
+        256, gt=0, description="prompts are cut to this many tokens before the image starts (upstream: 256); null: never"
+    )
+    repa_dim: int | None = Field(
+        None, gt=0, description="REPA: width of the teacher's features; adds the head's projector to them (upstream: 768)"
+    )
+    repa_depth: int | None = Field(
+        None, gt=0, description="REPA: the head block whose output is projected (default: max(2, head_depth // 2), upstream's)"
+    )
+    repa_projector_dim: int = Field(2048, gt=0, description="REPA: hidden width of the projector MLP (upstream: 2048)")
     prompt_template: str = "Generate an image: {caption}"
     uncond_prompt: str = Field("Generate an image.", description="the unconditioned branch of CFG")
 
@@ -136,7 +147,9 @@ GuidanceSchedule = Literal["constant", "increasing", "decreasing"]
 class GenerationConfig(Strict):
     """Sampling knobs (peers' names where they exist; see docs/generation.md)."""
 
-    tokens_per_step: Union[int, list[int]] = Field(1, description="m position queries per LM pass, or a schedule")
+    tokens_per_step: Union[Annotated[int, Field(ge=1)], Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=1)]] = Field(
+        1, description="m position queries per LM pass, or a schedule"
+    )
     num_sampling_steps: int = Field(30, gt=0, description="ODE/SDE steps of the flow head per token group")
     guidance_scale: float = Field(4.5, ge=0)
     guidance_schedule: GuidanceSchedule = Field(
@@ -146,6 +159,16 @@ class GenerationConfig(Strict):
     time_shift: float = Field(1.0, gt=0, description="shift of the sampling time grid (1 = none, as upstream)")
     temperature: float = Field(1.0, gt=0, description="scales the initial and SDE noise")
     order: Literal["random", "raster"] = "random"
+    parallel_layout: Literal["vgt", "upstream"] = Field(
+        "vgt",
+        description="QueryAR, m > 1: vgt feeds [latents of the last step, next queries]; upstream re-feeds the last "
+        "step's queries interleaved with their latents, [Q1, z1, ..., Qm, zm, next queries]",
+    )
+    step_split: Literal["fixed", "balanced"] = Field(
+        "fixed",
+        description="QueryAR: fixed = m tokens a step, the last step takes the rest ([3,3,3,3,3,1] for 16 at m=3); "
+        "balanced = N // m steps, the remainder spread over the first ([4,3,3,3,3], upstream's)",
+    )
     num_iter: int | None = Field(None, description="MAR: AR steps (default: tokens / tokens_per_step)")
     seed: int | None = None
     use_cache: bool = True
@@ -242,7 +265,7 @@ def format_validation_error(exc: ValidationError, model: type[BaseModel] | None,
 
 def _is_union_tag(part: Any) -> bool:
     """pydantic puts the tried member of a Union into the error location (``int``, ``literal['auto']``)."""
-    return isinstance(part, str) and bool(re.fullmatch(r"int|float|str|bool|none|[a-z-]+\[.*\]", part))
+    return isinstance(part, str) and bool(re.fullmatch(r"int|float|str|bool|none|constrained-[a-z]+|[a-z-]+\[.*\]", part))
 
 
 def validate_model(model: type[BaseModel], data: Any, where: str, prefix: str = "") -> Any:

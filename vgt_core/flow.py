@@ -47,7 +47,18 @@ class FlowHead(nn.Module):
     """v(x_t, t, c): input projection, ``depth`` adaLN residual blocks conditioned on time + c, final adaLN
     layer. Modulations and the output are zero-initialised, so the head starts by predicting 0."""
 
-    def __init__(self, channels: int, cond_dim: int, width: int, depth: int, time_dim: int = 256, time_scale: float = 1.0):
+    def __init__(
+        self,
+        channels: int,
+        cond_dim: int,
+        width: int,
+        depth: int,
+        time_dim: int = 256,
+        time_scale: float = 1.0,
+        repa_dim: int | None = None,
+        repa_depth: int | None = None,
+        repa_hidden: int = 2048,
+    ):
         super().__init__()
         self.time_dim, self.time_scale = time_dim, time_scale
         self.input_proj = nn.Linear(channels, width)
@@ -57,6 +68,13 @@ class FlowHead(nn.Module):
         self.final_norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.final_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
         self.final = nn.Linear(width, channels)
+        # REPA (Yu et al., 2025): an MLP from a middle block's output to a frozen vision model's features
+        self.repa_depth = min(depth, repa_depth or max(2, depth // 2)) if repa_dim else None
+        self.repa_projector = (
+            nn.Sequential(nn.Linear(width, repa_hidden), nn.SiLU(), nn.Linear(repa_hidden, repa_hidden), nn.SiLU(), nn.Linear(repa_hidden, repa_dim))
+            if repa_dim
+            else None
+        )
         self._init()
 
     def _init(self) -> None:
@@ -75,12 +93,19 @@ class FlowHead(nn.Module):
             nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(x, t, cond)[0]
+
+    def forward_features(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The velocity and, with a REPA projector, the projected features of block ``repa_depth`` (else None)."""
         y = self.time_embed(timestep_embedding(t, self.time_dim, scale=self.time_scale).to(x.dtype)) + self.cond_embed(cond)
         h = self.input_proj(x)
-        for block in self.blocks:
+        features = None
+        for i, block in enumerate(self.blocks, start=1):
             h = block(h, y)
+            if i == self.repa_depth:
+                features = self.repa_projector(h)
         shift, scale = self.final_modulation(y).chunk(2, dim=-1)
-        return self.final(_modulate(self.final_norm(h), shift, scale))
+        return self.final(_modulate(self.final_norm(h), shift, scale)), features
 
 
 def shift_noise_level(sigma: torch.Tensor, shift: float) -> torch.Tensor:
@@ -101,20 +126,34 @@ def flow_matching_loss(
     shift: float = 1.0,
     batch_mul: int = 1,
     weight: torch.Tensor | None = None,
-) -> torch.Tensor:
+    repa_target: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Mean over tokens of ||(z - eps) - v(z_t, t, c)||^2 (averaged over channels), t logit-normal and shifted.
 
     ``target`` is ``(M, C)``, ``cond`` ``(M, D)``, ``weight`` ``(M,)`` selects the tokens that count.
     ``batch_mul`` draws several (t, eps) per token to amortise the LM's cost (MAR's diffusion_batch_mul).
+    With ``repa_target`` ``(M, F)`` (a frozen vision model's feature of each token) it returns
+    ``(flow loss, REPA loss)``, the REPA loss being the mean negative cosine between the head's projected
+    features at z_t and the target, over the tokens that count (upstream's pretraining loss).
     """
     if batch_mul > 1:
         target, cond = target.repeat(batch_mul, 1), cond.repeat(batch_mul, 1)
         weight = weight.repeat(batch_mul) if weight is not None else None
+        repa_target = repa_target.repeat(batch_mul, 1) if repa_target is not None else None
     sigma = shift_noise_level(torch.sigmoid(torch.randn(target.shape[0], device=target.device)), shift)
     t = (1 - sigma)[:, None].to(target.dtype)
     eps = torch.randn_like(target)
-    v = head(t * target + (1 - t) * eps, t[:, 0], cond)
-    per_token = (v.float() - (target - eps).float()).pow(2).mean(-1)
+    v, features = head.forward_features(t * target + (1 - t) * eps, t[:, 0], cond)
+    loss = _token_mean((v.float() - (target - eps).float()).pow(2).mean(-1), weight)
+    if repa_target is None:
+        return loss
+    if features is None:
+        raise ValueError("a REPA target was given but the flow head has no REPA projector (set generator.repa_dim)")
+    cosine = F.cosine_similarity(features.float(), repa_target.float(), dim=-1)
+    return loss, _token_mean(-cosine, weight)
+
+
+def _token_mean(per_token: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
     if weight is None:
         return per_token.mean()
     return (per_token * weight).sum() / weight.sum().clamp(min=1)

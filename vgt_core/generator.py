@@ -59,6 +59,11 @@ def decoding_orders(prompts: PromptBatch, grid: tuple[int, int], order: str, rng
     return orders, torch.cat([orders, orders]) if prompts.guided else orders
 
 
+def _gather_tokens(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``tokens`` ``(B, N, F)`` at raster positions ``index`` ``(B, M)`` -> ``(B, M, F)``."""
+    return tokens.gather(1, index[..., None].expand(-1, -1, tokens.shape[-1]))
+
+
 def position_ids_from(mask: torch.Tensor) -> torch.Tensor:
     """1-D positions that skip padding: real tokens count 0, 1, 2, ... from each row's first real token."""
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -102,7 +107,16 @@ class VGTGenerator(nn.Module):
         self.latent_in = nn.Linear(latent_channels, d)
         self.position_grid = nn.Parameter(torch.empty(1, d, options.max_grid, options.max_grid))
         self.latent_out = nn.Linear(d, d)
-        self.head = FlowHead(latent_channels, d, options.head_width, options.head_depth, time_scale=options.head_time_scale)
+        self.head = FlowHead(
+            latent_channels,
+            d,
+            options.head_width,
+            options.head_depth,
+            time_scale=options.head_time_scale,
+            repa_dim=options.repa_dim,
+            repa_depth=options.repa_depth,
+            repa_hidden=options.repa_projector_dim,
+        )
         for linear in (self.latent_in, self.latent_out):
             nn.init.normal_(linear.weight, std=0.02)
             nn.init.zeros_(linear.bias)
@@ -161,7 +175,7 @@ class VGTGenerator(nn.Module):
         ]
         if guided:
             texts += [self.options.uncond_prompt] * len(captions)
-        embeds, mask = self.backbone.embed_prompts(texts)
+        embeds, mask = self.backbone.embed_prompts(texts, max_tokens=self.options.max_prompt_tokens)
         return PromptBatch(embeds, mask, guided)
 
     def sample_tokens(
@@ -199,12 +213,24 @@ class VGTGenerator(nn.Module):
             return dimension_adaptive_shift(grid[0] * grid[1], self.latent_channels)
         return float(self.options.time_shift)
 
-    def forward(self, latents: torch.Tensor, captions: list[str], uncond: torch.Tensor | None = None) -> torch.Tensor:
-        """The flow-matching loss of a batch of clean latents ``(B, C, h, w)`` given their captions."""
+    def forward(
+        self,
+        latents: torch.Tensor,
+        captions: list[str],
+        uncond: torch.Tensor | None = None,
+        repa_features: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The flow-matching loss of a batch of clean latents ``(B, C, h, w)`` given their captions; with
+        ``repa_features`` ``(B, N, F)`` (a frozen vision model's features per latent position, raster order)
+        also the REPA loss, as ``(flow loss, REPA loss)``."""
         grid = tuple(latents.shape[-2:])
         tokens = latents.flatten(2).transpose(1, 2)  # (B, N, C), raster order
         prompts = self.embed_prompts(captions, uncond)
-        hidden, targets, weight = self.sampler.training_targets(self, tokens, grid, prompts)
+        hidden, index, weight = self.sampler.training_targets(self, tokens, grid, prompts)
+        targets = _gather_tokens(tokens, index)
+        repa_target = None
+        if repa_features is not None:
+            repa_target = _gather_tokens(repa_features, index).reshape(-1, repa_features.shape[-1])
         return flow_matching_loss(
             self.head,
             targets.reshape(-1, self.latent_channels),
@@ -212,6 +238,7 @@ class VGTGenerator(nn.Module):
             shift=self.training_shift(grid),
             batch_mul=self.options.head_batch_mul,
             weight=weight.reshape(-1).to(targets.dtype),
+            repa_target=repa_target,
         )
 
     @torch.no_grad()

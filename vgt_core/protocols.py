@@ -63,9 +63,10 @@ class ARBackbone(Protocol):
 
     hidden_size: int
 
-    def embed_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def embed_prompts(self, prompts: list[str], max_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Chat-templated, left-padded prompt embeddings ``(B, T, D)`` and their mask ``(B, T)``; the
-        image-start token, when the model has one, ends each prompt."""
+        image-start token, when the model has one, ends each prompt. A prompt longer than ``max_tokens``
+        (before the image-start token) is cut to its first ``max_tokens`` tokens, with a warning."""
 
     def forward(
         self,
@@ -89,8 +90,9 @@ class Sampler(Protocol):
         self, generator: VGTGenerator, tokens: torch.Tensor, grid: tuple[int, int], prompts: PromptBatch
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Lay out one training batch and run the backbone. ``tokens`` are clean latents ``(B, N, C)`` in
-        raster order. Returns the backbone hidden states that condition the head ``(B, M, D)``, the latents
-        they must predict ``(B, M, C)`` and a mask ``(B, M)`` of the positions that count in the loss."""
+        raster order. Returns the backbone hidden states that condition the head ``(B, M, D)``, the raster
+        index of the latent each must predict ``(B, M)`` (long) and a mask ``(B, M)`` of the positions that
+        count in the loss. The generator gathers the targets (and any per-position payload, e.g. REPA features)."""
 
     def generate(
         self, generator: VGTGenerator, prompts: PromptBatch, grid: tuple[int, int], config: GenerationConfig
