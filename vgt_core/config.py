@@ -43,29 +43,58 @@ class AEStage(Strict):
 
     steps: int = Field(100_000, gt=0)
     batch_size: int = Field(16, gt=0)
-    lr: float = Field(3e-4, gt=0)
+    lr: float = Field(3e-4, gt=0, description="generator and discriminator learning rate")
     end_lr: float = Field(1e-4, ge=0, description="floor of the cosine schedule")
     warmup_steps: int = Field(3000, ge=0)
     weight_decay: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float | None = 1.0
+    grad_clip: float | None = Field(1.0, description="gradient-norm clipping of the autoencoder and of the discriminator")
     encoder_lr_mult: float = Field(0.5, ge=0, description="0 freezes the encoder (the paper's stage 2); 0.5 is upstream's")
     latent_norm: LatentNorm = Field("none", description="layernorm: per position over channels (upstream code); batchnorm: per channel over the batch (paper text)")
     noise_sigma: float = Field(0.0, ge=0, description="training noise z + a*eps with a ~ U[0, sigma] per sample")
-    mse_weight: float = 1.0
-    perceptual_weight: float = Field(1.1, ge=0, description="LPIPS weight (0 turns it off)")
-    perceptual_net: Literal["vgg", "alex", "squeeze"] = "vgg"
-    perceptual_backbone: Literal["pretrained", "random"] = Field(
-        "pretrained", description="torchvision ImageNet weights of the LPIPS backbone, or random (offline tests)"
+    loss_range: Literal["unit", "signed"] = Field(
+        "unit",
+        description="pixel range of the MSE and of the discriminator's inputs: unit = images mapped to [0, 1] "
+        "(upstream; the MSE is 1/4 of signed's), signed = [-1, 1]. LPIPS and ConvNeXt see the same images either way",
     )
+    mse_weight: float = 1.0
+    perceptual_weight: float = Field(
+        1.1, ge=0, description="weight of the perceptual term (1.0 LPIPS + convnext_weight ConvNeXt) / (1 + convnext_weight); 0 turns it off"
+    )
+    perceptual_net: Literal["vgg", "alex", "squeeze"] = Field("vgg", description="LPIPS backbone")
+    perceptual_backbone: Literal["pretrained", "random"] = Field(
+        "pretrained", description="ImageNet weights of the LPIPS and ConvNeXt nets, or random (offline tests)"
+    )
+    convnext_weight: float = Field(
+        0.1, ge=0, description="ConvNeXt logit-MSE term relative to LPIPS's 1.0 inside the perceptual term (upstream 0.1; 0 off)"
+    )
+    convnext_model: str = Field("convnext_small.fb_in1k", description="timm model of the ConvNeXt term (upstream: ConvNeXt-S)")
+    convnext_weights: str | None = Field(
+        None,
+        description="safetensors file of ConvNeXt weights (timm or torchvision names; torchvision's IMAGENET1K_V1 are "
+        "upstream's exact ones); default: timm's pretrained weights of convnext_model",
+    )
+    convnext_size: int = Field(224, gt=0, description="side the ConvNeXt term resizes images to (antialiased bilinear)")
     gan_weight: float = Field(0.1, ge=0, description="fixed adversarial weight (no adaptive weight, as upstream)")
-    gan_start: int = Field(30_000, ge=0, description="generator and discriminator GAN losses start at this step")
-    disc_channels: int = 128
-    lecam_weight: float = Field(0.0, ge=0, description="LeCam regulariser of the discriminator (upstream 0.001)")
+    gan_start: Union[int, float] = Field(
+        0.3,
+        description="the GAN losses start after this step: an integer is a step, a float in [0, 1) a fraction of "
+        "`steps` (so --steps moves it); upstream 30k of 100k in stage 1, 10k in stage 2",
+    )
+    disc_channels: int = Field(128, gt=0, description="width of the discriminator's first layer")
+    disc_layout: Literal["upstream", "patch"] = Field(
+        "upstream",
+        description="upstream: widths c, c, 2c, 4c and an adaptive max-pool to 16x16 (released code); patch: widths "
+        "c, 2c, 4c, 4c, no pooling (vgt's earlier layout)",
+    )
+    lecam_weight: float = Field(0.001, ge=0, description="LeCam regulariser of the discriminator (upstream 0.001; 0 off)")
     distill_weight: float = Field(1.0, ge=0, description="MSE to the frozen initial encoder's features")
     ema_decay: float | None = None
     gradient_checkpointing: bool = False
     mixed_precision: Precision = "auto"
+    crop: Literal["random", "center"] = Field(
+        "random", description="square crop after resizing the shorter side: random (upstream's training) or center"
+    )
     random_flip: bool = True
     log_every: int = 50
     sample_every: int = 1000
@@ -74,10 +103,33 @@ class AEStage(Strict):
     num_workers: int = 0
     seed: int = 0
 
+    @field_validator("gan_start", mode="before")
+    @classmethod
+    def _gan_start_not_bool(cls, value: Any) -> Any:
+        if isinstance(value, bool):  # pydantic would read True as step 1
+            raise ValueError("gan_start must be a step (integer >= 0) or a fraction of steps in [0, 1)")
+        return value
+
+    @field_validator("gan_start")
+    @classmethod
+    def _gan_start(cls, value: int | float) -> int | float:
+        if value < 0:
+            raise ValueError("gan_start must be a step (integer >= 0) or a fraction of steps in [0, 1)")
+        if isinstance(value, float) and value >= 1:
+            raise ValueError("a fraction of steps (float) must be in [0, 1); write an absolute step as an integer")
+        return value
+
+    @property
+    def gan_start_step(self) -> int:
+        """The GAN losses are on at steps > this (1-based), i.e. from step ``gan_start_step + 1``."""
+        if isinstance(self.gan_start, float):
+            return round(self.gan_start * self.steps)
+        return self.gan_start
+
 
 def _stage2_defaults() -> AEStage:
     return AEStage(
-        lr=1e-4, end_lr=1e-5, latent_norm="layernorm", noise_sigma=0.1, distill_weight=0.1, gan_start=10_000
+        lr=1e-4, end_lr=1e-5, latent_norm="layernorm", noise_sigma=0.1, distill_weight=0.1, gan_start=0.1
     )
 
 

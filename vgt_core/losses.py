@@ -1,13 +1,26 @@
-"""VGT-AE losses: LPIPS (the ``lpips`` package), a patch discriminator with hinge loss, LeCam.
+"""VGT-AE losses: the perceptual term (LPIPS from the ``lpips`` package + a ConvNeXt logit distance through
+``timm``), the GAN discriminator with its hinge loss, and LeCam.
+
+What the released code computes (``tokenizer/modeling/modules/losses.py``, ``perceptual_loss.py``,
+``discriminator.py`` of hustvl/VGT), and what is offered here:
+
+- Images are mapped from [-1, 1] to [0, 1] before every loss, so its MSE is 1/4 of an MSE on [-1, 1] and its
+  discriminator sees [0, 1] images (``to_loss_range``). Its LPIPS maps them back to [-1, 1] (``x * 2 - 1``) and
+  its ConvNeXt term ImageNet-normalises the [0, 1] images, so neither depends on that choice.
+- perceptual = (1.0 * LPIPS + 0.1 * ConvNeXt-S) / (1.0 + 0.1), then weighted by 1.1: ``PerceptualLoss``.
+- The discriminator: ``Discriminator(layout="upstream")``; vgt's earlier one is ``layout="patch"``.
+- LeCam on the batch means of the logits, against EMAs updated after the loss: ``LeCam``.
 
 The discriminator is written here because no maintained library ships an image GAN discriminator for
-autoencoder training (taming-transformers is unmaintained; diffusers has none). Its layout follows the
-MaskGIT-style one upstream uses: strided convs with blur downsampling, GroupNorm and LeakyReLU.
+autoencoder training (taming-transformers is unmaintained; diffusers has none).
 """
 
 from __future__ import annotations
 
+import re
 import warnings
+from pathlib import Path
+from typing import Any, Literal
 from urllib.error import URLError
 
 import torch
@@ -16,9 +29,35 @@ from torch import nn
 
 from vgt_core.errors import ConfigError
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
-class PerceptualLoss(nn.Module):
-    """LPIPS distance (mean over the batch) between images in [-1, 1]; frozen."""
+LossRange = Literal["unit", "signed"]
+
+
+def to_loss_range(images: torch.Tensor, loss_range: LossRange) -> torch.Tensor:
+    """Images in [-1, 1] -> the range the MSE and the discriminator see: ``unit`` [0, 1] (upstream), ``signed``
+    [-1, 1] (unchanged)."""
+    if loss_range == "unit":
+        return (images + 1) / 2
+    if loss_range == "signed":
+        return images
+    raise ValueError(f"loss_range must be 'unit' or 'signed', got {loss_range!r}")
+
+
+class _Frozen(nn.Module):
+    """A loss network: no gradients into its parameters, always in eval mode (dropout off)."""
+
+    def freeze(self) -> None:
+        self.requires_grad_(False)
+        super().train(False)
+
+    def train(self, mode: bool = True) -> _Frozen:
+        return self
+
+
+class LPIPSLoss(_Frozen):
+    """LPIPS distance (mean over the batch) between images in [-1, 1]."""
 
     def __init__(self, net: str = "vgg", backbone: str = "pretrained"):
         super().__init__()
@@ -34,45 +73,207 @@ class PerceptualLoss(nn.Module):
                     f"({torch.hub.get_dir()}/checkpoints) and cannot be downloaded here ({exc}). Copy them there, "
                     "or set perceptual_backbone: random (offline tests) or perceptual_weight: 0."
                 ) from None
-        self.lpips.requires_grad_(False).eval()
-
-    def train(self, mode: bool = True) -> PerceptualLoss:
-        return self  # always in eval mode (dropout off)
+        self.freeze()
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.lpips(x.float(), y.float()).mean()
 
 
-class _BlurDown(nn.Module):
-    """Anti-aliased 2x downsampling with a fixed [1, 3, 3, 1] binomial filter."""
+def convnext_from_torchvision(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """torchvision ``convnext_*`` parameter names -> timm's (the two compute the same function). Upstream's
+    perceptual term uses torchvision's ``ConvNeXt_Small_Weights.IMAGENET1K_V1``; saved as safetensors, this makes
+    them loadable into timm's ``convnext_small``."""
+    out = {}
+    block_parts = {"0": "conv_dw", "2": "norm", "3": "mlp.fc1", "5": "mlp.fc2"}
+    for name, value in state.items():
+        parts = name.split(".")
+        if parts[0] == "classifier":  # LayerNorm2d, Flatten, Linear
+            new = {"0": "head.norm", "2": "head.fc"}[parts[1]] + "." + parts[2]
+        elif parts[0] == "features" and parts[1] == "0":  # stem: conv 4x4/4, LayerNorm2d
+            new = f"stem.{parts[2]}.{parts[3]}"
+        elif parts[0] == "features" and int(parts[1]) % 2 == 0:  # downsample before stage k: LayerNorm2d, conv
+            new = f"stages.{int(parts[1]) // 2}.downsample.{parts[2]}.{parts[3]}"
+        elif parts[0] == "features":  # stage k's blocks
+            stage, block = (int(parts[1]) - 1) // 2, parts[2]
+            if parts[3] == "layer_scale":
+                new, value = f"stages.{stage}.blocks.{block}.gamma", value.reshape(-1)
+            else:
+                new = f"stages.{stage}.blocks.{block}.{block_parts[parts[4]]}.{parts[5]}"
+        else:
+            raise ValueError(f"not a torchvision ConvNeXt parameter: {name!r}")
+        out[new] = value
+    return out
 
-    def __init__(self, channels: int):
+
+class ConvNeXtLoss(_Frozen):
+    """MSE between a frozen ConvNeXt's ImageNet-class logits of two images in [-1, 1]: mapped to [0, 1], resized
+    to ``size`` x ``size`` (bilinear, antialiased), ImageNet-normalised -- upstream's ConvNeXt-S term.
+
+    ``model`` is a timm model name (upstream: convnext_small). Weights: ``weights`` (a safetensors file with timm
+    or torchvision parameter names), else timm's pretrained weights for ``model`` when ``backbone`` is
+    ``pretrained`` (timm reads safetensors from the Hugging Face hub, or its cache offline), else random
+    (``backbone: random``, offline tests). ``model_kwargs`` go to ``timm.create_model`` (e.g. tiny ``depths``).
+    """
+
+    def __init__(
+        self,
+        model: str = "convnext_small.fb_in1k",
+        backbone: str = "pretrained",
+        weights: str | Path | None = None,
+        size: int = 224,
+        **model_kwargs: Any,
+    ):
+        super().__init__()
+        import timm
+
+        pretrained = backbone == "pretrained" and weights is None
+        try:
+            self.net = timm.create_model(model, pretrained=pretrained, **model_kwargs)
+        except RuntimeError as exc:  # unknown model names raise RuntimeError too; keep that message
+            raise ConfigError(f"convnext_model {model!r}: {exc}") from None
+        except (URLError, OSError) as exc:
+            raise ConfigError(
+                f"the ConvNeXt perceptual term needs timm's pretrained weights of {model!r}, which are not in the "
+                f"Hugging Face cache and cannot be downloaded here ({exc}). Give convnext_weights: a safetensors "
+                "file, or set perceptual_backbone: random (offline tests) or convnext_weight: 0."
+            ) from None
+        if weights is not None:
+            self._load(Path(weights))
+        self.size = size
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.freeze()
+
+    def _load(self, path: Path) -> None:
+        from safetensors.torch import load_file
+        from timm.models.convnext import checkpoint_filter_fn
+
+        if path.suffix != ".safetensors" or not path.is_file():
+            raise ConfigError(f"convnext_weights: {path} is not a .safetensors file (nothing here unpickles .pth files)")
+        state = load_file(str(path))
+        if any(re.match(r"features\.\d", k) for k in state):
+            state = convnext_from_torchvision(state)
+        else:
+            state = checkpoint_filter_fn(state, self.net)  # timm's own names, or Meta's original ones
+        try:
+            self.net.load_state_dict(state)
+        except RuntimeError as exc:
+            raise ConfigError(f"convnext_weights: {path} does not fit the ConvNeXt model: {exc}") from None
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        x = (images.float() + 1) / 2
+        x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False, antialias=True)
+        return self.net((x - self.mean) / self.std)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            target = self.logits(y)
+        return F.mse_loss(self.logits(x), target)
+
+
+class PerceptualLoss(nn.Module):
+    """Upstream's ``PerceptualLoss("lpips-convnext_s-1.0-<w>")``: (1.0 * LPIPS + w * ConvNeXt) / (1.0 + w).
+
+    With the stage's ``perceptual_weight`` of 1.1 and w = 0.1 the total is LPIPS + 0.1 * ConvNeXt, as released;
+    w = 0 leaves LPIPS alone. ``forward`` returns ``{"lpips", "convnext" (if w > 0), "perceptual"}``.
+    """
+
+    def __init__(
+        self,
+        net: str = "vgg",
+        backbone: str = "pretrained",
+        *,
+        convnext_weight: float = 0.0,
+        convnext_model: str = "convnext_small.fb_in1k",
+        convnext_weights: str | Path | None = None,
+        convnext_size: int = 224,
+        **convnext_kwargs: Any,
+    ):
+        super().__init__()
+        if convnext_weight < 0:
+            raise ValueError(f"convnext_weight must be >= 0, got {convnext_weight}")
+        self.lpips = LPIPSLoss(net, backbone)
+        self.convnext_weight = convnext_weight
+        self.convnext = (
+            ConvNeXtLoss(convnext_model, backbone, convnext_weights, convnext_size, **convnext_kwargs) if convnext_weight > 0 else None
+        )
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        # Full precision, as upstream's loss module (autocast off): LPIPS distances are small differences.
+        with torch.autocast(x.device.type, enabled=False):
+            terms = {"lpips": self.lpips(x, y)}
+            if self.convnext is None:
+                terms["perceptual"] = terms["lpips"]
+            else:
+                terms["convnext"] = self.convnext(x, y)
+                terms["perceptual"] = (terms["lpips"] + self.convnext_weight * terms["convnext"]) / (1 + self.convnext_weight)
+        return terms
+
+
+# -- discriminator ---------------------------------------------------------------------------------------------
+
+
+class _Blur(nn.Module):
+    """Anti-aliased 2x downsampling with the fixed [1, 3, 3, 1] binomial filter.
+
+    ``padding="same"``: zeros, as TensorFlow's SAME for a 4-tap stride-2 filter (1 + 1 on even sides; upstream's
+    ``BlurBlock``). ``padding="reflect"``: (1, 2) reflected (vgt's ``patch`` layout)."""
+
+    def __init__(self, channels: int, padding: Literal["same", "reflect"]):
         super().__init__()
         k = torch.tensor([1.0, 3.0, 3.0, 1.0])
         k = (k[:, None] * k[None, :]) / 64
         self.register_buffer("kernel", k.expand(channels, 1, 4, 4).clone(), persistent=False)
-        self.channels = channels
+        self.channels, self.padding = channels, padding
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(F.pad(x, (1, 2, 1, 2), mode="reflect"), self.kernel.to(x.dtype), stride=2, groups=self.channels)
+        if self.padding == "reflect":
+            x = F.pad(x, (1, 2, 1, 2), mode="reflect")
+        else:
+            pads = [max((-(-n // 2) - 1) * 2 + 4 - n, 0) for n in x.shape[-2:]]  # (ceil(n/2) - 1) * s + k - n
+            x = F.pad(x, (pads[1] // 2, pads[1] - pads[1] // 2, pads[0] // 2, pads[0] - pads[0] // 2))
+        return F.conv2d(x, self.kernel.to(x.dtype), stride=2, groups=self.channels)
 
 
-class PatchDiscriminator(nn.Module):
-    """Images in [-1, 1] -> a map of real/fake logits (one per patch)."""
+DiscLayout = Literal["upstream", "patch"]
 
-    def __init__(self, channels: int = 128, stages: int = 3, groups: int = 32):
+
+def discriminator_widths(channels: int, stages: int, layout: DiscLayout) -> list[int]:
+    """Widths of the input conv and of each stage's output.
+
+    upstream: ``channels * (1, 1, 2, 4, ...)`` -- 128 -> 128 -> 256 -> 512 (MaskGIT's ``NLayerDiscriminator``).
+    patch: ``channels * min(2**i, 4)`` -- 128 -> 256 -> 512 -> 512."""
+    if layout == "upstream":
+        return [channels] + [channels * 2**i for i in range(stages)]
+    if layout == "patch":
+        return [channels * min(2**i, 4) for i in range(stages + 1)]
+    raise ValueError(f"disc_layout must be 'upstream' or 'patch', got {layout!r}")
+
+
+class Discriminator(nn.Module):
+    """Images -> a map of real/fake logits.
+
+    Both layouts: conv 5x5 (3 -> channels) + LeakyReLU(0.1); ``stages`` x [conv 3x3, blur 2x down, GroupNorm(32),
+    LeakyReLU(0.1)]; conv 1x1 + LeakyReLU(0.1); conv 5x5 -> 1 channel. Convs are zero-padded "same".
+
+    ``upstream`` (the released code): widths 128, 128, 256, 512; zero "same" blur padding; an adaptive max-pool to
+    ``pool`` x ``pool`` (16) before the 1x1 conv, so the logit map is 16 x 16 whatever the image size (smaller
+    maps are repeated up to it). ``patch`` (vgt's earlier layout): widths 128, 256, 512, 512; reflect padding; no
+    pooling (one logit per 8x8 patch). GroupNorm uses min(32, width) groups, so narrow test widths work.
+    """
+
+    def __init__(self, channels: int = 128, stages: int = 3, *, layout: DiscLayout = "upstream", groups: int = 32, pool: int = 16):
         super().__init__()
-        widths = [channels * min(2**i, 4) for i in range(stages + 1)]
+        widths = discriminator_widths(channels, stages, layout)
+        padding = "same" if layout == "upstream" else "reflect"
         layers: list[nn.Module] = [nn.Conv2d(3, widths[0], 5, padding=2), nn.LeakyReLU(0.1)]
         for cin, cout in zip(widths[:-1], widths[1:]):
-            layers += [
-                nn.Conv2d(cin, cout, 3, padding=1),
-                _BlurDown(cout),
-                nn.GroupNorm(min(groups, cout), cout),
-                nn.LeakyReLU(0.1),
-            ]
+            layers += [nn.Conv2d(cin, cout, 3, padding=1), _Blur(cout, padding), nn.GroupNorm(min(groups, cout), cout), nn.LeakyReLU(0.1)]
+        if layout == "upstream":
+            layers.append(nn.AdaptiveMaxPool2d((pool, pool)))
         layers += [nn.Conv2d(widths[-1], widths[-1], 1), nn.LeakyReLU(0.1), nn.Conv2d(widths[-1], 1, 5, padding=2)]
         self.net = nn.Sequential(*layers)
+        self.widths, self.layout = widths, layout
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images)
@@ -87,7 +288,9 @@ def hinge_g_loss(fake_logits: torch.Tensor) -> torch.Tensor:
 
 
 class LeCam(nn.Module):
-    """LeCam regulariser (Tseng et al., 2021): keeps discriminator outputs near EMAs of the other class's."""
+    """LeCam regulariser (Tseng et al., 2021) as the released code computes it: the batch means of the real and
+    fake logits are pulled towards EMAs of the other class's means,
+    relu(mean(real) - ema_fake)^2 + relu(ema_real - mean(fake))^2; the EMAs are updated after the loss."""
 
     def __init__(self, decay: float = 0.999):
         super().__init__()
@@ -96,7 +299,9 @@ class LeCam(nn.Module):
         self.register_buffer("ema_fake", torch.zeros(()))
 
     def forward(self, real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+        real, fake = real_logits.float().mean(), fake_logits.float().mean()
+        loss = F.relu(real - self.ema_fake).pow(2) + F.relu(self.ema_real - fake).pow(2)
         with torch.no_grad():
-            self.ema_real.lerp_(real_logits.mean().float(), 1 - self.decay)
-            self.ema_fake.lerp_(fake_logits.mean().float(), 1 - self.decay)
-        return F.relu(real_logits - self.ema_fake).pow(2).mean() + F.relu(self.ema_real - fake_logits).pow(2).mean()
+            self.ema_real.lerp_(real, 1 - self.decay)
+            self.ema_fake.lerp_(fake, 1 - self.decay)
+        return loss

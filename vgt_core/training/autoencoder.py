@@ -1,7 +1,8 @@
 """VGT-AE training, both stages (paper §3.2; upstream's recipe, with its deviations named in config).
 
-Stage 1: MSE + LPIPS + GAN (hinge, fixed weight, from ``gan_start``) + distill * MSE(E(x), E_teacher(x)), the
-teacher being a frozen copy of the encoder as it was when stage 1 began.
+Stage 1: MSE + perceptual (LPIPS + ConvNeXt) + GAN (hinge, fixed weight, after ``gan_start``; the discriminator
+regularised by LeCam) + distill * MSE(E(x), E_teacher(x)), the teacher being a frozen copy of the encoder as it
+was when stage 1 began. The MSE and the discriminator see images in ``loss_range`` ([0, 1] as upstream).
 Stage 2 (``--init`` a stage-1 run): latent normalisation + noise; the same losses with the stage-2 weights.
 The encoder learns at ``encoder_lr_mult`` x the LR; 0 freezes it (the paper), 0.5 is the released code.
 """
@@ -21,7 +22,8 @@ from vgt_core.autoencoder import VGTAutoencoder
 from vgt_core.compose import build_autoencoder
 from vgt_core.config import AEStage, Preset
 from vgt_core.data import make_loader, open_dataset
-from vgt_core.losses import LeCam, PatchDiscriminator, PerceptualLoss, hinge_d_loss, hinge_g_loss
+from vgt_core.errors import VGTError
+from vgt_core.losses import Discriminator, LeCam, PerceptualLoss, hinge_d_loss, hinge_g_loss, to_loss_range
 from vgt_core.serialization import load_weights, save_weights
 from vgt_core.training.run import (
     TrainingRun,
@@ -58,28 +60,32 @@ def train_autoencoder(
         raise ValueError("this preset has no stage 2 (train_ae.stage2 is null): its stage-1 model is the final VGT-AE")
     if steps is not None:
         cfg = cfg.model_copy(update={"steps": steps})
+    if init is not None and cfg.distill_weight > 0 and find_teacher(init) is None:
+        raise VGTError(missing_teacher_message(init, stage))  # before anything is written
     torch.manual_seed(cfg.seed)
     run = TrainingRun(out_dir, precision=cfg.mixed_precision, resume=resume, progress=progress, preset=preset.model_dump(mode="json"))
 
     # -- model, teacher ----------------------------------------------------------------------------------------
+    # The teacher is the encoder as it was before any VGT-AE training: saved by stage 1, passed on by --init.
     if init is not None:
         ae = VGTAutoencoder.from_pretrained(model_folder(init))
-        teacher_file = Path(init) / TEACHER
+        teacher_file = find_teacher(init)
     elif stage == 2:
         raise ValueError("stage 2 starts from a stage-1 run: pass init=<stage-1 output folder>")
     else:
         ae = build_autoencoder(preset)
-        teacher_file = None
+        teacher_file = None  # the encoder as built is the teacher
     ae.set_latent_regularization(cfg.latent_norm, cfg.noise_sigma)
-    # The teacher is the encoder as it was before any VGT-AE training: saved by stage 1, passed on by --init.
     if resume and (run.out / TEACHER).exists():
         teacher_file = run.out / TEACHER
-    teacher = copy.deepcopy(ae.encoder)
-    if teacher_file is not None and teacher_file.exists():
-        load_weights(teacher, teacher_file)
-    teacher.requires_grad_(False).eval()
-    if run.accelerator.is_main_process and teacher_file != run.out / TEACHER:
-        save_weights(teacher, run.out / TEACHER)
+    teacher = None  # stays None only for an --init without a teacher at distill_weight 0: none is used or passed on
+    if teacher_file is not None or init is None:
+        teacher = copy.deepcopy(ae.encoder)
+        if teacher_file is not None:
+            load_weights(teacher, teacher_file)
+        teacher.requires_grad_(False).eval()
+        if run.accelerator.is_main_process and teacher_file != run.out / TEACHER:
+            save_weights(teacher, run.out / TEACHER)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(ae)
 
@@ -92,16 +98,31 @@ def train_autoencoder(
         groups.append({**group, "lr": cfg.lr * cfg.encoder_lr_mult})
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
     schedule = cosine_with_warmup(optimizer, cfg.warmup_steps, cfg.steps, cfg.end_lr / cfg.lr)
+    gan_start = cfg.gan_start_step  # an absolute step, or the fraction of (the possibly overridden) cfg.steps
     use_gan = cfg.gan_weight > 0
-    disc = PatchDiscriminator(cfg.disc_channels) if use_gan else None
-    disc_opt = torch.optim.AdamW(disc.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay) if use_gan else None
-    # the discriminator's schedule starts when it does, at gan_start
-    disc_schedule = cosine_with_warmup(disc_opt, cfg.warmup_steps, cfg.steps - cfg.gan_start, cfg.end_lr / cfg.lr) if use_gan else None
+    disc = Discriminator(cfg.disc_channels, layout=cfg.disc_layout) if use_gan else None
+    # biases and norms are not decayed, as upstream's discriminator optimizer
+    disc_opt = torch.optim.AdamW(optimizer_groups(disc.named_parameters(), cfg.weight_decay), lr=cfg.lr, betas=cfg.betas) if use_gan else None
+    # the discriminator's schedule starts when it does, after gan_start, and spans the steps left
+    disc_schedule = cosine_with_warmup(disc_opt, cfg.warmup_steps, cfg.steps - gan_start, cfg.end_lr / cfg.lr) if use_gan else None
     lecam = LeCam() if use_gan and cfg.lecam_weight > 0 else None
-    perceptual = PerceptualLoss(cfg.perceptual_net, cfg.perceptual_backbone) if cfg.perceptual_weight > 0 else None
+    perceptual = (
+        PerceptualLoss(
+            cfg.perceptual_net,
+            cfg.perceptual_backbone,
+            convnext_weight=cfg.convnext_weight,
+            convnext_model=cfg.convnext_model,
+            convnext_weights=cfg.convnext_weights,
+            convnext_size=cfg.convnext_size,
+        )
+        if cfg.perceptual_weight > 0
+        else None
+    )
     ema = EMAModel(ae.parameters(), decay=cfg.ema_decay) if cfg.ema_decay else None
 
-    dataset = open_dataset(data if data is not None else _named_dataset(preset), ae.image_size, random_flip=cfg.random_flip)
+    # Random crops and flips draw from torch's global RNG, which checkpoints restore (exact resume, num_workers 0).
+    source = data if data is not None else _named_dataset(preset)
+    dataset = open_dataset(source, ae.image_size, random_flip=cfg.random_flip, crop=cfg.crop)
     modules = {"model": ae, **({"disc": disc} if use_gan else {}), **({"lecam": lecam} if lecam is not None else {})}
     state = run.load_latest(modules) if resume else None
     start = 0
@@ -118,7 +139,8 @@ def train_autoencoder(
 
     acc = run.accelerator
     ae, optimizer = acc.prepare(ae, optimizer)
-    teacher.to(acc.device)
+    if teacher is not None:
+        teacher.to(acc.device)
     if use_gan:
         disc, disc_opt = acc.prepare(disc, disc_opt)
     if perceptual is not None:
@@ -133,24 +155,28 @@ def train_autoencoder(
     ae.train()
     for step, batch in run.batches(loader, start, cfg.steps, f"VGT-AE stage {stage}"):
         images = batch["images"].to(acc.device)
-        gan_on = use_gan and step > cfg.gan_start
+        gan_on = use_gan and step > gan_start
 
         with acc.autocast():
             out = ae(images)
             recon = out["reconstruction"]
-            losses = {"mse": F.mse_loss(recon.float(), images.float())}
-            total = cfg.mse_weight * losses["mse"]
-            if perceptual is not None:
-                losses["lpips"] = perceptual(recon, images)
-                total = total + cfg.perceptual_weight * losses["lpips"]
             if cfg.distill_weight > 0:
                 with torch.no_grad():
                     target = teacher(images)
+        # The image losses in full precision, as upstream's loss module (autocast off).
+        with torch.autocast(acc.device.type, enabled=False):
+            real_in, fake_in = to_loss_range(images.float(), cfg.loss_range), to_loss_range(recon.float(), cfg.loss_range)
+            losses = {"mse": F.mse_loss(fake_in, real_in)}
+            total = cfg.mse_weight * losses["mse"]
+            if perceptual is not None:
+                losses.update(perceptual(recon, images))
+                total = total + cfg.perceptual_weight * losses["perceptual"]
+            if cfg.distill_weight > 0:
                 losses["distill"] = F.mse_loss(out["features"].float(), target.float())
                 total = total + cfg.distill_weight * losses["distill"]
             if gan_on:
                 disc.requires_grad_(False)
-                losses["gan_g"] = hinge_g_loss(disc(recon))
+                losses["gan_g"] = hinge_g_loss(disc(fake_in))
                 total = total + cfg.gan_weight * losses["gan_g"]
         acc.backward(total)
         if cfg.grad_clip:
@@ -161,14 +187,16 @@ def train_autoencoder(
 
         if gan_on:
             disc.requires_grad_(True)
-            with acc.autocast():
-                real, fake = disc(images), disc(recon.detach())
+            with torch.autocast(acc.device.type, enabled=False):
+                real, fake = disc(real_in), disc(fake_in.detach())
                 losses["gan_d"] = hinge_d_loss(real, fake)
                 d_total = losses["gan_d"]
                 if lecam is not None:
                     losses["lecam"] = lecam(real, fake)
                     d_total = d_total + cfg.lecam_weight * losses["lecam"]
             acc.backward(d_total)
+            if cfg.grad_clip:
+                acc.clip_grad_norm_(disc.parameters(), cfg.grad_clip)
             disc_opt.step()
             disc_schedule.step()
             disc_opt.zero_grad(set_to_none=True)
@@ -200,6 +228,25 @@ def train_autoencoder(
         print(f"VGT-AE stage {stage}: skipped {run.skipped} unreadable images")
     run.finish()
     return run.out / "model"
+
+
+def find_teacher(init: str | Path) -> Path | None:
+    """The stage-1 teacher next to an ``--init`` run: ``RUN/teacher.safetensors`` (``init`` may be ``RUN`` or
+    ``RUN/model``)."""
+    init = Path(init)
+    for folder in (init, model_folder(init).parent):
+        if (folder / TEACHER).is_file():
+            return folder / TEACHER
+    return None
+
+
+def missing_teacher_message(init: str | Path, stage: int) -> str:
+    return (
+        f"--init {init}: no {TEACHER} in {Path(init)} (nor next to its model folder). Stage {stage} distils the "
+        "encoder towards the self-distillation teacher -- the encoder as it was before stage 1 -- which stage 1 "
+        f"saves as RUN/{TEACHER}. Pass the stage-1 run folder as --init, copy its {TEACHER} into {Path(init)}, "
+        f"or set train_ae.stage{stage}.distill_weight=0 to train without distillation."
+    )
 
 
 def _named_dataset(preset: Preset) -> Any:
