@@ -372,3 +372,22 @@ def test_text_layers_trimmed_on_a_pretrained_lm_load_its_first_layers(tmp_path):
             registry().build(
                 "backbone", "qwen25vl-lm", {"pretrained": str(folder), "config": {"text_config": {"num_hidden_layers": layers}}}
             )
+
+
+def test_the_upstream_presets_carry_upstreams_prompt_shift_and_layers():
+    book = load_presets()
+    template = "<|im_start|>user\nGenerate an image: {caption}<|im_end|>\n<|im_start|>assistant\n"
+    uncond = "<|im_start|>user\nGenerate an image.<|im_end|>\n<|im_start|>assistant\n"
+    internvl, qwen = book.preset("vgt-internvl3-1.6b"), book.preset("vgt-qwen25vl-2b")
+    assert (internvl.generator.prompt_template, internvl.generator.uncond_prompt) == (template, uncond)
+    assert (qwen.generator.prompt_template, qwen.generator.uncond_prompt) == (template + "<img>", uncond + "<img>")
+    assert internvl.generator.time_shift == 1.4 and qwen.generator.time_shift == 1.0
+    assert internvl.encoder.options["pretrained"] == "OpenGVLab/InternVL3-1B-hf"  # the AE is always InternVL3-1B's
+    assert internvl.backbone.options["pretrained"] == "OpenGVLab/InternVL3-2B-hf"
+    assert qwen.backbone.options["config"] == {"text_config": {"num_hidden_layers": 18}}
+    for preset in (internvl, qwen):
+        assert preset.backbone.options["use_chat_template"] is False  # no system prompt
+        g = preset.generator
+        assert (g.head_depth, g.head_width, g.max_grid) == (12, 1536, 64)
+        s = preset.generation
+        assert (s.guidance_scale, s.guidance_schedule, s.solver, s.num_sampling_steps) == (4.5, "decreasing", "sde", 30)
