@@ -182,6 +182,28 @@ def cmd_generate(args: argparse.Namespace) -> None:
         print(f"{path}\t{prompt}")
 
 
+# -- upstream checkpoints ----------------------------------------------------------------------------------------
+
+
+@command("convert-upstream")
+def cmd_convert_upstream(args: argparse.Namespace) -> None:
+    from vgt_adapters.upstream import convert_upstream
+
+    if args.ae is None and args.ar is None:
+        raise VGTError("pass --ae (a VGT-AE file), --ar (an AR file, which may hold the VGT-AE too), or both")
+    report = convert_upstream(args.preset, args.out, ae=args.ae, ar=args.ar, registry=args.registry, overrides=_overrides(args.set))
+    if args.json:
+        _print_json(report)
+        return
+    what = "VGT pipeline (VGTPipeline.from_pretrained)" if report["kind"] == "pipeline" else "VGT-AE (VGTAutoencoder.from_pretrained)"
+    print(f"{what} written to {report['out']}")
+    print(f"  tensors: autoencoder {report['autoencoder_tensors']}, generator {report['generator_tensors']}")
+    if report["ae_overridden_by_ar"]:
+        print(f"  the AR file's vgt_ae.* replaced {report['ae_overridden_by_ar']} tensors of --ae ({report['ae_differing_from_ar']} differed)")
+    for why, count in report["dropped"].items():
+        print(f"  dropped {count}: {why}")
+
+
 # -- parser -------------------------------------------------------------------------------------------------------
 
 
@@ -251,6 +273,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float)
     p.add_argument("--order", choices=["random", "raster"])
     p.add_argument("--seed", type=int)
+
+    p = add("convert-upstream", "convert released upstream VGT checkpoints (hustvl/VGT .pth) into a vgt folder")
+    preset_args(p)
+    p.add_argument("--ae", help="upstream VGT-AE file (.pth/.pt/.bin or .safetensors); optional when --ar holds vgt_ae.*")
+    p.add_argument("--ar", help="upstream AR checkpoint (mmengine: its ema_state_dict is preferred); its vgt_ae.* override --ae")
+    p.add_argument("--out", required=True, help="a pipeline folder (with --ar) or a VGT-AE folder (--ae only)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
 
     from vgt_core.plugins import plugin_manager  # plugins may add commands of their own (see hookspecs)
 
