@@ -18,6 +18,7 @@ from torch import nn
 from vgt_core import hookimpl
 from vgt_core.config import GenerationConfig
 from vgt_core.generator import PromptBatch, VGTGenerator, decoding_orders, guidance_at, position_ids_from
+from vgt_core.randomness import Draws, GlobalDraws
 from vgt_core.registry import Options
 
 
@@ -54,6 +55,15 @@ def revealed_after(step: int, num_iter: int, total: int, done: int) -> int:
     return min(total, max(total - still_masked, done + 1))
 
 
+def truncated_normal(uniform: torch.Tensor, mean: float, std: float, low: float, high: float) -> torch.Tensor:
+    """Uniform draws in [0, 1) -> N(mean, std) truncated to [low, high], by the inverse CDF (MAR's mask ratio;
+    the same method as ``nn.init.trunc_normal_``, but from given draws so that each sample has its own)."""
+    cdf = lambda x: 0.5 * (1 + math.erf((x - mean) / (std * math.sqrt(2))))  # noqa: E731
+    lo, hi = cdf(low), cdf(high)
+    p = (lo + (hi - lo) * uniform.double()).clamp(1e-12, 1 - 1e-12)
+    return (mean + std * math.sqrt(2) * torch.erfinv(2 * p - 1)).clamp(low, high).to(uniform.dtype)
+
+
 class MAR(nn.Module):
     def __init__(self, options: MAROptions):
         super().__init__()
@@ -68,12 +78,12 @@ class MAR(nn.Module):
         latents = generator.latent_in(tokens)
         return torch.where(known[..., None], latents, self.mask_token.to(latents.dtype)) + positions
 
-    def training_targets(self, generator: VGTGenerator, tokens: torch.Tensor, grid, prompts: PromptBatch):
+    def training_targets(self, generator: VGTGenerator, tokens: torch.Tensor, grid, prompts: PromptBatch, draws: Draws | None = None):
+        draws = draws if draws is not None else GlobalDraws()
         b, n, _ = tokens.shape
-        ratio = torch.empty(b, device=tokens.device)
-        nn.init.trunc_normal_(ratio, mean=1.0, std=self.options.mask_ratio_std, a=self.options.mask_ratio_min, b=1.0)
+        ratio = truncated_normal(draws.rand(draws.per_sample(b), device=tokens.device), 1.0, self.options.mask_ratio_std, self.options.mask_ratio_min, 1.0)
         n_masked = (ratio * n).ceil().clamp(1, n)
-        rank = torch.rand(b, n, device=tokens.device).argsort(-1).argsort(-1)
+        rank = draws.rand(draws.per_sample(b), n, device=tokens.device).argsort(-1).argsort(-1)
         masked = rank < n_masked[:, None]
         image = self._image_inputs(generator, tokens, ~masked, grid)
         embeds = torch.cat([prompts.embeds, image], dim=1)

@@ -31,6 +31,7 @@ from torch import nn
 from vgt_core import hookimpl
 from vgt_core.config import GenerationConfig
 from vgt_core.generator import PromptBatch, VGTGenerator, center_crop, decoding_orders, guidance_at, position_ids_from
+from vgt_core.randomness import Draws, GlobalDraws
 from vgt_core.registry import Options
 
 
@@ -88,7 +89,8 @@ class QueryAR(nn.Module):
         is_query = torch.tensor([True, False], device=order.device).view(1, 1, 2, 1).expand_as(g)
         return g.reshape(rows, 2 * n), is_query.reshape(rows, 2 * n)
 
-    def training_targets(self, generator: VGTGenerator, tokens: torch.Tensor, grid, prompts: PromptBatch):
+    def training_targets(self, generator: VGTGenerator, tokens: torch.Tensor, grid, prompts: PromptBatch, draws: Draws | None = None):
+        draws = draws if draws is not None else GlobalDraws()
         b, n, _ = tokens.shape
         sizes = self.options.train_group_sizes
         if any(n % m for m in sizes):
@@ -97,8 +99,9 @@ class QueryAR(nn.Module):
         if self.options.train_order == "raster":
             order = torch.arange(n, device=device).expand(b, n)
         else:
-            order = torch.rand(b, n, device=device).argsort(-1)
-        group = torch.tensor(sizes, device=device)[torch.randint(len(sizes), (b,), device=device)]
+            order = draws.rand(draws.per_sample(b), n, device=device).argsort(-1)
+        pick = (draws.rand(draws.per_sample(b)) * len(sizes)).long().clamp(max=len(sizes) - 1)
+        group = torch.tensor(sizes, device=device)[pick.to(device)]
         slot_pos = torch.empty(b, 2 * n, dtype=torch.long, device=device)
         slot_query = torch.empty(b, 2 * n, dtype=torch.bool, device=device)
         for m in group.unique().tolist():

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vgt_core.config import LatentNorm
+from vgt_core.randomness import Draws, GlobalDraws
 from vgt_core.serialization import WEIGHTS_NAME, atomic_folder, load_weights, read_model_config, write_model_folder
 
 FORMAT = "vgt-autoencoder"
@@ -153,14 +154,17 @@ class VGTAutoencoder(nn.Module):
         """The VLM's own visual features ``(B, N, d)`` (what self-distillation compares)."""
         return self.encoder(images)
 
-    def project(self, features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """phi, normalisation and (in training mode) noise: features -> latents ``(B, C, h, w)``."""
+    def project(self, features: torch.Tensor, grid: tuple[int, int], draws: Draws | None = None) -> torch.Tensor:
+        """phi, normalisation and (in training mode) noise, drawn from ``draws`` (per sample in training):
+        features -> latents ``(B, C, h, w)``."""
         b = features.shape[0]
         z = self.projection(features).transpose(1, 2).reshape(b, self.latent_channels, *grid)
         z = self.latent_norm(z)
         if self.training and self.noise_sigma > 0:
-            alpha = torch.rand(b, 1, 1, 1, device=z.device, dtype=z.dtype) * self.noise_sigma
-            z = z + alpha * torch.randn_like(z)
+            draws = draws if draws is not None else GlobalDraws()
+            owner = draws.per_sample(b)
+            alpha = draws.rand(owner, 1, 1, 1, device=z.device, dtype=z.dtype) * self.noise_sigma
+            z = z + alpha * draws.randn(owner, *z.shape[1:], device=z.device, dtype=z.dtype)
         return z
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
@@ -174,9 +178,9 @@ class VGTAutoencoder(nn.Module):
             size = (z.shape[-2] * self.image_size // gh, z.shape[-1] * self.image_size // gw)
         return self.decoder(z, size)
 
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, images: torch.Tensor, draws: Draws | None = None) -> dict[str, torch.Tensor]:
         features = self.features(images)
-        z = self.project(features, self.encoder.grid(images.shape[-2:]))
+        z = self.project(features, self.encoder.grid(images.shape[-2:]), draws)
         return {"reconstruction": self.decoder(z, tuple(images.shape[-2:])), "latents": z, "features": features}
 
     # -- persistence --------------------------------------------------------------------------------------------
@@ -191,13 +195,14 @@ class VGTAutoencoder(nn.Module):
             "noise_sigma": self.noise_sigma,
         }
 
-    def save_pretrained(self, folder: str | os.PathLike) -> None:
-        """Write ``config.json``, ``model.safetensors`` and each component's offline config, atomically."""
+    def save_pretrained(self, folder: str | os.PathLike, *, state: dict[str, torch.Tensor] | None = None) -> None:
+        """Write ``config.json``, ``model.safetensors`` and each component's offline config, atomically;
+        ``state`` replaces the module's own weights (gathered from a sharded run)."""
         with atomic_folder(folder) as tmp:
-            self.write_into(tmp)
+            self.write_into(tmp, state=state)
 
-    def write_into(self, folder: Path) -> None:
-        write_model_folder(folder, self, self.config(), {"encoder": self.encoder, "decoder": self.decoder})
+    def write_into(self, folder: Path, state: dict[str, torch.Tensor] | None = None) -> None:
+        write_model_folder(folder, self, self.config(), {"encoder": self.encoder, "decoder": self.decoder}, state=state)
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, map_location: str | torch.device = "cpu") -> VGTAutoencoder:

@@ -14,12 +14,14 @@ import os
 import re
 import tarfile
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal, NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+from vgt_core.randomness import sample_generator
 
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".webp")
 _LOOKED_FOR = "image files (" + " ".join(IMAGE_EXTENSIONS) + "), a .jsonl list or .tar shards"
@@ -41,10 +43,16 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 
 def transform_image(
-    image: Image.Image, size: int, *, crop: Literal["center", "random"] = "center", random_flip: bool = False
+    image: Image.Image,
+    size: int,
+    *,
+    crop: Literal["center", "random"] = "center",
+    random_flip: bool = False,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """RGB, shorter side resized to ``size`` (bicubic, antialiased), square crop, optional horizontal flip ->
-    (3, size, size) in [-1, 1]. Random choices use torch's global RNG, so a seeded run is reproducible."""
+    (3, size, size) in [-1, 1]. Random choices come from ``generator`` (training gives each sample its own) or
+    torch's global RNG, so a seeded run is reproducible."""
     if crop not in ("center", "random"):
         raise ValueError(f"crop must be 'center' or 'random', got {crop!r}")
     image = _to_rgb(image)
@@ -54,12 +62,12 @@ def transform_image(
         image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.BICUBIC)
         w, h = image.size
     if crop == "random":
-        left, top = (int(torch.randint(0, n - size + 1, ())) for n in (w, h))
+        left, top = (int(torch.randint(0, n - size + 1, (), generator=generator)) for n in (w, h))
     else:
         left, top = (w - size) // 2, (h - size) // 2
     pixels = np.array(image.crop((left, top, left + size, top + size)), dtype=np.uint8)
     x = torch.from_numpy(pixels).permute(2, 0, 1).float() / 127.5 - 1
-    if random_flip and torch.rand(()) < 0.5:
+    if random_flip and torch.rand((), generator=generator) < 0.5:
         x = x.flip(-1)
     return x
 
@@ -213,11 +221,17 @@ class TransformedDataset(Dataset):
         return len(self.source)
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
+        return self.load(index)
+
+    def load(self, index: int, generator: torch.Generator | None = None) -> dict[str, Any] | None:
+        """Item ``index``, its random crop and flip drawn from ``generator`` (the global RNG when None)."""
         item = self.source[index]
         if item is None or item.get("image") is None:
             return None
         try:
-            image = transform_image(item["image"], self.image_size, crop=self.crop, random_flip=self.random_flip)
+            image = transform_image(
+                item["image"], self.image_size, crop=self.crop, random_flip=self.random_flip, generator=generator
+            )
         except (OSError, ValueError):
             return None
         return {"image": image, "caption": item.get("caption") or "", "index": index}
@@ -273,6 +287,7 @@ def collate(items: list[dict[str, Any] | None]) -> dict[str, Any]:
         "images": torch.stack([item["image"] for item in good]) if good else torch.zeros(0),
         "captions": [item["caption"] for item in good],
         "indices": [item["index"] for item in good],
+        "positions": [item.get("position", i) for i, item in enumerate(good)],
         "skipped": len(items) - len(good),
     }
 
@@ -317,6 +332,53 @@ class ResumableSampler(Sampler[list[int]]):
             epoch, batch = epoch + 1, 0
 
 
+class SampleKey(NamedTuple):
+    """Where a sample sits in training: dataset ``index``, global batch ``step`` (1-based) and ``position`` in it."""
+
+    index: int
+    step: int
+    position: int
+
+
+class ShardedSampler(ResumableSampler):
+    """This process's share of each global batch of ``ResumableSampler``: positions ``[rank * k, (rank + 1) * k)``
+    of the batch, ``k = batch_size / world``, as ``SampleKey``s. The order and the position counter are global, so
+    the shares of all processes make up the single-process batch and a run resumes on any number of processes."""
+
+    def __init__(self, dataset_len: int, batch_size: int, seed: int, *, rank: int = 0, world: int = 1):
+        super().__init__(dataset_len, batch_size, seed, drop_last=True)
+        if world < 1 or not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is not one of {world} processes")
+        if batch_size % world:
+            raise ValueError(f"batch_size {batch_size} does not split evenly across {world} processes")
+        self.rank, self.world = rank, world
+
+    def __iter__(self) -> Iterator[list[SampleKey]]:
+        share = self.batch_size // self.world
+        first = self.rank * share
+        for batch in super().__iter__():
+            step = self.position  # advanced past this batch: batch number ``position`` counting from 1
+            yield [SampleKey(index, step, p) for p, index in enumerate(batch[first : first + share], start=first)]
+
+
+class KeyedDataset(Dataset):
+    """Items by ``SampleKey``: each sample's random transform draws from its own generator, seeded from
+    ``(seed, step, position)``, and the item carries its ``position`` (the model's draws use it too)."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: SampleKey) -> dict[str, Any] | None:
+        if hasattr(self.dataset, "load"):
+            item = self.dataset.load(key.index, sample_generator(self.seed, "data", key.step, key.position))
+        else:
+            item = self.dataset[key.index]
+        return None if item is None else {**item, "position": key.position}
+
+
 class _DeliveredPositionLoader(DataLoader):
     """Workers pull the sampler ahead of training; reset its position to the batches actually delivered."""
 
@@ -335,10 +397,14 @@ def make_loader(
     start_state: dict[str, int] | int | None = None,
     *,
     collate_fn: Callable[[list[Any]], Any] = collate,
+    rank: int = 0,
+    world: int = 1,
 ) -> tuple[DataLoader, ResumableSampler]:
     """An endless loader in the seeded order, resumed from ``start_state`` (a sampler ``state_dict()``, or the
-    number of batches already consumed). Save ``sampler.state_dict()`` after consuming a batch to resume there."""
-    sampler = ResumableSampler(len(dataset), batch_size, seed)
+    number of global batches already consumed). Save ``sampler.state_dict()`` after consuming a batch to resume
+    there. ``batch_size`` is the global batch; process ``rank`` of ``world`` gets its share of each (see
+    ``ShardedSampler``), every item with its ``position`` in the global batch."""
+    sampler = ShardedSampler(len(dataset), batch_size, seed, rank=rank, world=world)
     if isinstance(start_state, int):
         sampler.position = start_state
     elif start_state is not None:
@@ -346,6 +412,6 @@ def make_loader(
     # The loader's own generator: iter() draws a worker base seed, which must not advance the global RNG that a
     # resumed run restores from its checkpoint (an extra draw there would change every later random number).
     loader = _DeliveredPositionLoader(
-        dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_fn, generator=torch.Generator().manual_seed(seed)
+        KeyedDataset(dataset, seed), batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_fn, generator=torch.Generator().manual_seed(seed)
     )
     return loader, sampler

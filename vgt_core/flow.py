@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vgt_core.randomness import Draws, GlobalDraws
+
 
 def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10_000.0, scale: float = 1.0) -> torch.Tensor:
     """Sinusoidal features of scalar times ``(M,)`` -> ``(M, dim)``, of ``scale * t``.
@@ -127,6 +129,8 @@ def flow_matching_loss(
     batch_mul: int = 1,
     weight: torch.Tensor | None = None,
     repa_target: torch.Tensor | None = None,
+    owner: torch.Tensor | None = None,
+    draws: Draws | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Mean over tokens of ||(z - eps) - v(z_t, t, c)||^2 (averaged over channels), t logit-normal and shifted.
 
@@ -135,14 +139,18 @@ def flow_matching_loss(
     With ``repa_target`` ``(M, F)`` (a frozen vision model's feature of each token) it returns
     ``(flow loss, REPA loss)``, the REPA loss being the mean negative cosine between the head's projected
     features at z_t and the target, over the tokens that count (upstream's pretraining loss).
+    ``owner`` ``(M,)`` names the sample of each token, so that ``draws`` gives every sample its own t and noise.
     """
+    draws = draws if draws is not None else GlobalDraws()
+    owner = owner if owner is not None else torch.zeros(target.shape[0], dtype=torch.long)
     if batch_mul > 1:
         target, cond = target.repeat(batch_mul, 1), cond.repeat(batch_mul, 1)
         weight = weight.repeat(batch_mul) if weight is not None else None
         repa_target = repa_target.repeat(batch_mul, 1) if repa_target is not None else None
-    sigma = shift_noise_level(torch.sigmoid(torch.randn(target.shape[0], device=target.device)), shift)
+        owner = owner.repeat(batch_mul)
+    sigma = shift_noise_level(torch.sigmoid(draws.randn(owner, device=target.device)), shift)
     t = (1 - sigma)[:, None].to(target.dtype)
-    eps = torch.randn_like(target)
+    eps = draws.randn(owner, target.shape[1], device=target.device, dtype=target.dtype)
     v, features = head.forward_features(t * target + (1 - t) * eps, t[:, 0], cond)
     loss = _token_mean((v.float() - (target - eps).float()).pow(2).mean(-1), weight)
     if repa_target is None:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from vgt_core.config import GenerationConfig, GeneratorOptions, LatentNorm
+from vgt_core.randomness import Draws, GlobalDraws
 from vgt_core.flow import FlowHead, dimension_adaptive_shift, flow_matching_loss, guided, solve_flow
 from vgt_core.serialization import WEIGHTS_NAME, atomic_folder, load_weights, read_model_config, write_model_folder
 
@@ -219,14 +220,17 @@ class VGTGenerator(nn.Module):
         captions: list[str],
         uncond: torch.Tensor | None = None,
         repa_features: torch.Tensor | None = None,
+        draws: Draws | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """The flow-matching loss of a batch of clean latents ``(B, C, h, w)`` given their captions; with
         ``repa_features`` ``(B, N, F)`` (a frozen vision model's features per latent position, raster order)
-        also the REPA loss, as ``(flow loss, REPA loss)``."""
+        also the REPA loss, as ``(flow loss, REPA loss)``. Random numbers (order, timesteps, noise) come from
+        ``draws`` (per sample in training, so a distributed run computes what one process would)."""
+        draws = draws if draws is not None else GlobalDraws()
         grid = tuple(latents.shape[-2:])
         tokens = latents.flatten(2).transpose(1, 2)  # (B, N, C), raster order
         prompts = self.embed_prompts(captions, uncond)
-        hidden, index, weight = self.sampler.training_targets(self, tokens, grid, prompts)
+        hidden, index, weight = self.sampler.training_targets(self, tokens, grid, prompts, draws=draws)
         targets = _gather_tokens(tokens, index)
         repa_target = None
         if repa_features is not None:
@@ -238,6 +242,8 @@ class VGTGenerator(nn.Module):
             shift=self.training_shift(grid),
             batch_mul=self.options.head_batch_mul,
             weight=weight.reshape(-1).to(targets.dtype),
+            owner=torch.arange(tokens.shape[0]).repeat_interleave(index.shape[1]),
+            draws=draws,
             repa_target=repa_target,
         )
 
@@ -275,8 +281,8 @@ class VGTGenerator(nn.Module):
         with atomic_folder(folder) as tmp:
             self.write_into(tmp)
 
-    def write_into(self, folder: Path) -> None:
-        write_model_folder(folder, self, self.config(), {"backbone": self.backbone})
+    def write_into(self, folder: Path, state: dict[str, torch.Tensor] | None = None) -> None:
+        write_model_folder(folder, self, self.config(), {"backbone": self.backbone}, state=state)
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, map_location: str | torch.device = "cpu") -> VGTGenerator:

@@ -102,5 +102,6 @@ def collate_latents(items: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "latents": torch.stack([i["latents"] for i in items]),
         "captions": [i["caption"] for i in items],
+        "positions": [i.get("position", n) for n, i in enumerate(items)],
         "skipped": 0,
     }

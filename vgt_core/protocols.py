@@ -18,6 +18,7 @@ import torch
 if TYPE_CHECKING:
     from vgt_core.config import GenerationConfig
     from vgt_core.generator import PromptBatch, VGTGenerator
+    from vgt_core.randomness import Draws
 
 
 @runtime_checkable
@@ -87,10 +88,12 @@ class Sampler(Protocol):
     """A generation scheme: the training sequence layout and the decoding loop."""
 
     def training_targets(
-        self, generator: VGTGenerator, tokens: torch.Tensor, grid: tuple[int, int], prompts: PromptBatch
+        self, generator: VGTGenerator, tokens: torch.Tensor, grid: tuple[int, int], prompts: PromptBatch, draws: Draws | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Lay out one training batch and run the backbone. ``tokens`` are clean latents ``(B, N, C)`` in
-        raster order. Returns the backbone hidden states that condition the head ``(B, M, D)``, the raster
+        raster order. Every random choice (orders, masks) must come from ``draws`` (``draws.rand(draws.per_sample(B),
+        ...)``; ``GlobalDraws()`` when None), which in training gives each sample its own stream, so that a run on
+        many processes computes what one process computes. Returns the backbone hidden states that condition the head ``(B, M, D)``, the raster
         index of the latent each must predict ``(B, M)`` (long) and a mask ``(B, M)`` of the positions that
         count in the loss. The generator gathers the targets (and any per-position payload, e.g. REPA features)."""
 
