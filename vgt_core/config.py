@@ -42,7 +42,7 @@ class AEStage(Strict):
     """One stage of VGT-AE training (paper §3.2; defaults are the released stage-1 recipe)."""
 
     steps: int = Field(100_000, gt=0)
-    batch_size: int = Field(16, gt=0)
+    batch_size: int = Field(16, gt=0, description="global batch of one optimizer step, split across processes and micro-batches")
     lr: float = Field(3e-4, gt=0, description="generator and discriminator learning rate")
     end_lr: float = Field(1e-4, ge=0, description="floor of the cosine schedule")
     warmup_steps: int = Field(3000, ge=0)
@@ -90,6 +90,9 @@ class AEStage(Strict):
     lecam_weight: float = Field(0.001, ge=0, description="LeCam regulariser of the discriminator (upstream 0.001; 0 off)")
     distill_weight: float = Field(1.0, ge=0, description="MSE to the frozen initial encoder's features")
     ema_decay: float | None = None
+    ema_start: int = Field(0, ge=0, description="the EMA copies the weights until this step, then averages")
+    ema_warmup: bool = Field(True, description="ramp the decay in as min(decay, (1+n)/(10+n)) (diffusers); false: constant (upstream)")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="micro-batches per optimizer step; batch_size stays the global batch")
     gradient_checkpointing: bool = False
     mixed_precision: Precision = "auto"
     crop: Literal["random", "center"] = Field(
@@ -144,7 +147,7 @@ class ARTraining(Strict):
     """QueryAR / MAR training (paper §4.1 and upstream's configs)."""
 
     steps: int = Field(100_000, gt=0)
-    batch_size: int = Field(32, gt=0)
+    batch_size: int = Field(32, gt=0, description="global batch of one optimizer step, split across processes and micro-batches")
     lr: float = Field(2e-4, gt=0)
     end_lr: float = Field(1e-5, ge=0)
     warmup_steps: int = Field(1000, ge=0)
@@ -152,15 +155,29 @@ class ARTraining(Strict):
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float | None = 1.0
     ema_decay: float | None = 0.9999
+    ema_start: int = Field(0, ge=0, description="the EMA copies the weights until this step, then averages (upstream 10000)")
+    ema_warmup: bool = Field(True, description="ramp the decay in as min(decay, (1+n)/(10+n)) (diffusers); false: constant (upstream)")
     prompt_dropout: float = Field(0.1, ge=0, le=1, description="probability of the unconditioned prompt (CFG)")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="micro-batches per optimizer step; batch_size stays the global batch")
     gradient_checkpointing: bool = False
     mixed_precision: Precision = "auto"
     log_every: int = 50
     sample_every: int = 1000
+    sample_count: int = Field(4, ge=0, description="captions of the batch drawn at each sample_every (0: none)")
+    sample_generation: dict[str, Any] = Field(
+        default_factory=lambda: {"tokens_per_step": 4, "num_sampling_steps": 10},
+        description="overrides of the model's generation settings for training samples only: cheap by default",
+    )
     checkpoint_every: int = 1000
     keep_checkpoints: int = 2
     num_workers: int = 0
     seed: int = 0
+
+    @field_validator("sample_generation")
+    @classmethod
+    def _sample_generation(cls, value: dict[str, Any]) -> dict[str, Any]:
+        GenerationConfig.model_validate(value)  # names the bad key and its allowed values
+        return value
 
 
 class GeneratorOptions(Strict):

@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 from urllib.error import URLError
 
 import torch
@@ -298,10 +298,17 @@ class LeCam(nn.Module):
         self.register_buffer("ema_real", torch.zeros(()))
         self.register_buffer("ema_fake", torch.zeros(()))
 
-    def forward(self, real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, real_logits: torch.Tensor, fake_logits: torch.Tensor, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """``reduce`` averages the means over processes before they update the EMAs, so every process keeps the
+        same EMAs (a distributed run's checkpoint holds one copy)."""
         real, fake = real_logits.float().mean(), fake_logits.float().mean()
         loss = F.relu(real - self.ema_fake).pow(2) + F.relu(self.ema_real - fake).pow(2)
         with torch.no_grad():
-            self.ema_real.lerp_(real, 1 - self.decay)
-            self.ema_fake.lerp_(fake, 1 - self.decay)
+            r, f = real.detach(), fake.detach()
+            if reduce is not None:
+                r, f = reduce(r), reduce(f)
+            self.ema_real.lerp_(r, 1 - self.decay)
+            self.ema_fake.lerp_(f, 1 - self.decay)
         return loss

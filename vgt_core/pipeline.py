@@ -49,11 +49,13 @@ class VGTPipeline:
             defaults,
         )
 
-    def save_pretrained(self, folder: str | os.PathLike) -> None:
+    def save_pretrained(self, folder: str | os.PathLike, *, generator_state: dict[str, torch.Tensor] | None = None) -> None:
+        """The pipeline folder; ``generator_state`` replaces the generator's own state dict (the gathered weights
+        of a sharded FSDP / ZeRO-3 run, whose module holds only its shard)."""
         with atomic_folder(folder) as tmp:
-            for name, model in (("autoencoder", self.autoencoder), ("generator", self.generator)):
+            for name, model, state in (("autoencoder", self.autoencoder, None), ("generator", self.generator, generator_state)):
                 (tmp / name).mkdir()
-                model.write_into(tmp / name)
+                model.write_into(tmp / name, state=state)
             (tmp / "generation.json").write_text(self.defaults.model_dump_json(indent=2))
 
     def to(self, device: str | torch.device) -> VGTPipeline:

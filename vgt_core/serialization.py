@@ -54,8 +54,9 @@ def read_json(path: str | os.PathLike) -> Any:
     return json.loads(Path(path).read_text())
 
 
-def save_weights(module: torch.nn.Module, path: str | os.PathLike) -> None:
-    state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+def save_weights(module: torch.nn.Module, path: str | os.PathLike, state: dict[str, torch.Tensor] | None = None) -> None:
+    """``module``'s weights (or ``state``, e.g. gathered from a sharded run) as safetensors."""
+    state = {k: v.detach().contiguous().cpu() for k, v in (state if state is not None else module.state_dict()).items()}
     save_file(_untie(state), str(path))
 
 
@@ -133,7 +134,9 @@ def resolve_relative(options: dict, base: Path, keys: tuple[str, ...] = ("pretra
     return options
 
 
-def write_model_folder(folder: Path, model: torch.nn.Module, config: dict, components: dict[str, torch.nn.Module]) -> None:
+def write_model_folder(
+    folder: Path, model: torch.nn.Module, config: dict, components: dict[str, torch.nn.Module], state: dict | None = None
+) -> None:
     """``config.json`` + ``model.safetensors``; each component whose plugin can ``export`` writes its own offline
     config (and tokenizer...) into ``folder/<role>`` and its spec points there, so the folder reloads without
     the hub or the original paths."""
@@ -143,7 +146,7 @@ def write_model_folder(folder: Path, model: torch.nn.Module, config: dict, compo
         if hasattr(module, "export"):
             config[role] = {"name": config[role]["name"], "options": module.export(sub)}
     write_json(folder / CONFIG_NAME, config)
-    save_weights(model, folder / WEIGHTS_NAME)
+    save_weights(model, folder / WEIGHTS_NAME, state)
 
 
 def read_model_config(folder: Path, fmt: str, what: str, roles: tuple[str, ...]) -> tuple[dict, dict[str, dict]]:

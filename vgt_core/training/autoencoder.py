@@ -15,17 +15,17 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from diffusers.training_utils import EMAModel
 from torchvision.utils import save_image
 
 from vgt_core.autoencoder import VGTAutoencoder
 from vgt_core.compose import build_autoencoder
 from vgt_core.config import AEStage, Preset
-from vgt_core.data import make_loader, open_dataset
+from vgt_core.data import open_dataset
 from vgt_core.errors import VGTError
 from vgt_core.losses import Discriminator, LeCam, PerceptualLoss, hinge_d_loss, hinge_g_loss, to_loss_range
 from vgt_core.serialization import load_weights, save_weights
 from vgt_core.training.run import (
+    ScheduledEMA,
     TrainingRun,
     cosine_with_warmup,
     enable_gradient_checkpointing,
@@ -62,8 +62,16 @@ def train_autoencoder(
         cfg = cfg.model_copy(update={"steps": steps})
     if init is not None and cfg.distill_weight > 0 and find_teacher(init) is None:
         raise VGTError(missing_teacher_message(init, stage))  # before anything is written
-    torch.manual_seed(cfg.seed)
-    run = TrainingRun(out_dir, precision=cfg.mixed_precision, resume=resume, progress=progress, preset=preset.model_dump(mode="json"))
+    torch.manual_seed(cfg.seed)  # the same initial weights on every process
+    run = TrainingRun(
+        out_dir,
+        precision=cfg.mixed_precision,
+        resume=resume,
+        progress=progress,
+        preset=preset.model_dump(mode="json"),
+        batch_size=cfg.batch_size,
+        accumulation=cfg.gradient_accumulation_steps,
+    )
 
     # -- model, teacher ----------------------------------------------------------------------------------------
     # The teacher is the encoder as it was before any VGT-AE training: saved by stage 1, passed on by --init.
@@ -118,67 +126,68 @@ def train_autoencoder(
         if cfg.perceptual_weight > 0
         else None
     )
-    ema = EMAModel(ae.parameters(), decay=cfg.ema_decay) if cfg.ema_decay else None
-
-    # Random crops and flips draw from torch's global RNG, which checkpoints restore (exact resume, num_workers 0).
     source = data if data is not None else _named_dataset(preset)
     dataset = open_dataset(source, ae.image_size, random_flip=cfg.random_flip, crop=cfg.crop)
-    modules = {"model": ae, **({"disc": disc} if use_gan else {}), **({"lecam": lecam} if lecam is not None else {})}
-    state = run.load_latest(modules) if resume else None
-    start = 0
-    if state is not None:
-        start = state["step"]
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        if use_gan:
-            disc_opt.load_state_dict(state["disc_optimizer"])
-            disc_schedule.load_state_dict(state["disc_schedule"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-    loader, _ = make_loader(dataset, cfg.batch_size, cfg.seed, num_workers=cfg.num_workers, start_state=start)
 
     acc = run.accelerator
     ae, optimizer = acc.prepare(ae, optimizer)
-    if teacher is not None:
-        teacher.to(acc.device)
     if use_gan:
         disc, disc_opt = acc.prepare(disc, disc_opt)
-    if perceptual is not None:
-        perceptual.to(acc.device)
-    if lecam is not None:
-        lecam.to(acc.device)
+    raw = acc.unwrap_model(ae)
+    raw_disc = acc.unwrap_model(disc) if use_gan else None  # the generator's GAN term: no gradient sync needed
+    for frozen in (teacher, perceptual, lecam):
+        if frozen is not None:
+            frozen.to(acc.device)
+    ema = ScheduledEMA(raw.parameters(), decay=cfg.ema_decay, start=cfg.ema_start, warmup=cfg.ema_warmup) if cfg.ema_decay else None
+    state = run.load_latest() if resume else None
+    start = 0
+    if state is not None:
+        start = state["step"]
+        schedule.load_state_dict(state["schedule"])
+        if use_gan:
+            disc_schedule.load_state_dict(state["disc_schedule"])
+        if lecam is not None:
+            lecam.load_state_dict(state["lecam"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
     if ema is not None:
         ema.to(acc.device)
-    raw = acc.unwrap_model(ae)
+    loader = run.loader(dataset, cfg.batch_size, cfg.seed, start, num_workers=cfg.num_workers)
 
     # -- loop --------------------------------------------------------------------------------------------------
     ae.train()
-    for step, batch in run.batches(loader, start, cfg.steps, f"VGT-AE stage {stage}"):
-        images = batch["images"].to(acc.device)
+    for step, parts in run.batches(loader, start, cfg.steps, f"VGT-AE stage {stage}"):
         gan_on = use_gan and step > gan_start
-
-        with acc.autocast():
-            out = ae(images)
-            recon = out["reconstruction"]
-            if cfg.distill_weight > 0:
-                with torch.no_grad():
-                    target = teacher(images)
-        # The image losses in full precision, as upstream's loss module (autocast off).
-        with torch.autocast(acc.device.type, enabled=False):
-            real_in, fake_in = to_loss_range(images.float(), cfg.loss_range), to_loss_range(recon.float(), cfg.loss_range)
-            losses = {"mse": F.mse_loss(fake_in, real_in)}
-            total = cfg.mse_weight * losses["mse"]
-            if perceptual is not None:
-                losses.update(perceptual(recon, images))
-                total = total + cfg.perceptual_weight * losses["perceptual"]
-            if cfg.distill_weight > 0:
-                losses["distill"] = F.mse_loss(out["features"].float(), target.float())
-                total = total + cfg.distill_weight * losses["distill"]
-            if gan_on:
-                disc.requires_grad_(False)
-                losses["gan_g"] = hinge_g_loss(disc(fake_in))
-                total = total + cfg.gan_weight * losses["gan_g"]
-        acc.backward(total)
+        scalars: dict[str, float] = {}
+        fakes = []
+        for part in run.micro_steps(ae, parts):
+            images = part["images"].to(acc.device)
+            with acc.autocast():
+                out = ae(images, draws=run.draws(cfg.seed, step, part["positions"]))
+                recon = out["reconstruction"]
+                if cfg.distill_weight > 0:
+                    with torch.no_grad():
+                        target = teacher(images)
+            # The image losses in full precision, as upstream's loss module (autocast off).
+            with torch.autocast(acc.device.type, enabled=False):
+                real_in, fake_in = to_loss_range(images.float(), cfg.loss_range), to_loss_range(recon.float(), cfg.loss_range)
+                losses = {"mse": F.mse_loss(fake_in, real_in)}
+                total = cfg.mse_weight * losses["mse"]
+                if perceptual is not None:
+                    losses.update(perceptual(recon, images))
+                    total = total + cfg.perceptual_weight * losses["perceptual"]
+                if cfg.distill_weight > 0:
+                    losses["distill"] = F.mse_loss(out["features"].float(), target.float())
+                    total = total + cfg.distill_weight * losses["distill"]
+                if gan_on:
+                    raw_disc.requires_grad_(False)
+                    losses["gan_g"] = hinge_g_loss(raw_disc(fake_in))
+                    total = total + cfg.gan_weight * losses["gan_g"]
+            acc.backward(total / len(parts))
+            losses["loss"] = total
+            fakes.append((real_in, fake_in.detach()))
+            for k, v in losses.items():
+                scalars[k] = scalars.get(k, 0.0) + float(v.detach()) / len(parts)
         if cfg.grad_clip:
             acc.clip_grad_norm_(ae.parameters(), cfg.grad_clip)
         optimizer.step()
@@ -186,15 +195,20 @@ def train_autoencoder(
         optimizer.zero_grad(set_to_none=True)
 
         if gan_on:
-            disc.requires_grad_(True)
-            with torch.autocast(acc.device.type, enabled=False):
-                real, fake = disc(real_in), disc(fake_in.detach())
-                losses["gan_d"] = hinge_d_loss(real, fake)
-                d_total = losses["gan_d"]
-                if lecam is not None:
-                    losses["lecam"] = lecam(real, fake)
-                    d_total = d_total + cfg.lecam_weight * losses["lecam"]
-            acc.backward(d_total)
+            raw_disc.requires_grad_(True)
+            for i, (real_in, fake_in) in enumerate(run.micro_steps(disc, fakes)):
+                with torch.autocast(acc.device.type, enabled=False):
+                    # one pass over real and fake: a module wrapped for data parallelism is called once per backward
+                    logits = disc(torch.cat([real_in, fake_in]))
+                    real, fake = logits[: len(real_in)], logits[len(real_in) :]
+                    d_losses = {"gan_d": hinge_d_loss(real, fake)}
+                    d_total = d_losses["gan_d"]
+                    if lecam is not None:
+                        d_losses["lecam"] = lecam(real, fake, reduce=run.mean_tensor)
+                        d_total = d_total + cfg.lecam_weight * d_losses["lecam"]
+                acc.backward(d_total / len(fakes))
+                for k, v in d_losses.items():
+                    scalars[k] = scalars.get(k, 0.0) + float(v.detach()) / len(fakes)
             if cfg.grad_clip:
                 acc.clip_grad_norm_(disc.parameters(), cfg.grad_clip)
             disc_opt.step()
@@ -203,27 +217,29 @@ def train_autoencoder(
         if ema is not None:
             ema.step(raw.parameters())
 
-        scalars = {k: float(v.detach()) for k, v in losses.items()}
+        scalars = {k: run.mean(v) for k, v in scalars.items()}
         run.advance(scalars)
         if step % cfg.log_every == 0 or step == cfg.steps:
-            run.log(step, {**scalars, "loss": float(total.detach()), "lr": schedule.get_last_lr()[0], "skipped_images": run.skipped})
+            run.log(step, {**scalars, "lr": schedule.get_last_lr()[0], "skipped_images": run.skipped})
         if step % cfg.sample_every == 0 or step == cfg.steps:
             _save_grid(run, step, images, recon)
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             train_state = {
-                "optimizer": optimizer.state_dict(),
                 "schedule": schedule.state_dict(),
                 **({"ema": ema.state_dict()} if ema is not None else {}),
-                **({"disc_optimizer": disc_opt.state_dict(), "disc_schedule": disc_schedule.state_dict()} if use_gan else {}),
+                **({"disc_schedule": disc_schedule.state_dict()} if use_gan else {}),
+                **({"lecam": lecam.state_dict()} if lecam is not None else {}),
             }
-            run.save_checkpoint(step, modules, train_state, cfg.keep_checkpoints)
+            run.save_checkpoint(step, train_state, cfg.keep_checkpoints)
 
     # -- export ------------------------------------------------------------------------------------------------
     if ema is not None:
         ema.copy_to(raw.parameters())
     raw.eval()
+    weights = run.full_state_dict(ae)
     if acc.is_main_process:
-        raw.save_pretrained(run.out / "model")
+        raw.save_pretrained(run.out / "model", state=weights)
+    acc.wait_for_everyone()
     if run.skipped:
         print(f"VGT-AE stage {stage}: skipped {run.skipped} unreadable images")
     run.finish()

@@ -10,18 +10,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers.training_utils import EMAModel
 from torchvision.utils import save_image
 
 from vgt_core.autoencoder import VGTAutoencoder
 from vgt_core.compose import build_generator
 from vgt_core.config import Preset
-from vgt_core.data import collate as image_collate, make_loader, open_dataset
+from vgt_core.data import collate as image_collate, open_dataset
 from vgt_core.generator import VGTGenerator
 from vgt_core.latents import LatentDataset, collate_latents, is_latent_cache
 from vgt_core.pipeline import VGTPipeline
 from vgt_core.training.autoencoder import _named_dataset, model_folder
-from vgt_core.training.run import TrainingRun, cosine_with_warmup, enable_gradient_checkpointing, optimizer_groups
+from vgt_core.training.run import ScheduledEMA, TrainingRun, cosine_with_warmup, enable_gradient_checkpointing, optimizer_groups
 
 
 def train_generator(
@@ -34,10 +33,19 @@ def train_generator(
     resume: bool = False,
     progress: bool = True,
 ) -> Path:
-    """Train the generator of ``preset`` on latents of ``autoencoder``; returns ``OUT/model``."""
+    """Train the generator of ``preset`` on latents of ``autoencoder``; returns ``OUT/model``. Runs on every process
+    of an ``accelerate launch``; the result does not depend on how many share the global batch."""
     cfg = preset.train_ar if steps is None else preset.train_ar.model_copy(update={"steps": steps})
-    torch.manual_seed(cfg.seed)
-    run = TrainingRun(out_dir, precision=cfg.mixed_precision, resume=resume, progress=progress, preset=preset.model_dump(mode="json"))
+    torch.manual_seed(cfg.seed)  # the same initial weights on every process
+    run = TrainingRun(
+        out_dir,
+        precision=cfg.mixed_precision,
+        resume=resume,
+        progress=progress,
+        preset=preset.model_dump(mode="json"),
+        batch_size=cfg.batch_size,
+        accumulation=cfg.gradient_accumulation_steps,
+    )
     ae = VGTAutoencoder.from_pretrained(model_folder(autoencoder)).requires_grad_(False).eval()
     gen = build_generator(preset, ae)
     if cfg.gradient_checkpointing:
@@ -53,33 +61,37 @@ def train_generator(
 
     optimizer = torch.optim.AdamW(optimizer_groups(gen.named_parameters(), cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
     schedule = cosine_with_warmup(optimizer, cfg.warmup_steps, cfg.steps, cfg.end_lr / cfg.lr)
-    ema = EMAModel(gen.parameters(), decay=cfg.ema_decay) if cfg.ema_decay else None
-    state = run.load_latest({"model": gen}) if resume else None
+    acc = run.accelerator
+    gen, optimizer = acc.prepare(gen, optimizer)
+    raw = acc.unwrap_model(gen)
+    ae.to(acc.device)
+    ema = ScheduledEMA(raw.parameters(), decay=cfg.ema_decay, start=cfg.ema_start, warmup=cfg.ema_warmup) if cfg.ema_decay else None
+    state = run.load_latest() if resume else None
     start = 0
     if state is not None:
         start = state["step"]
-        optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         if ema is not None:
             ema.load_state_dict(state["ema"])
-    loader, _ = make_loader(dataset, cfg.batch_size, cfg.seed, num_workers=cfg.num_workers, start_state=start, collate_fn=collate)
-
-    acc = run.accelerator
-    gen, optimizer = acc.prepare(gen, optimizer)
-    ae.to(acc.device)
     if ema is not None:
         ema.to(acc.device)
-    raw = acc.unwrap_model(gen)
+    loader = run.loader(dataset, cfg.batch_size, cfg.seed, start, num_workers=cfg.num_workers, collate_fn=collate)
 
     gen.train()
-    for step, batch in run.batches(loader, start, cfg.steps, "VGT-AR"):
-        captions = batch["captions"]
-        with torch.no_grad():
-            latents = batch["latents"].to(acc.device) if cached else ae.encode(batch["images"].to(acc.device))
-        uncond = torch.rand(len(captions)) < cfg.prompt_dropout
-        with acc.autocast():
-            loss = gen(latents, captions, uncond)
-        acc.backward(loss)
+    for step, parts in run.batches(loader, start, cfg.steps, "VGT-AR"):
+        total = 0.0
+        for part in run.micro_steps(gen, parts):
+            draws = run.draws(cfg.seed, step, part["positions"])
+            with torch.no_grad():
+                if cached:
+                    latents = part["latents"].to(acc.device)
+                else:
+                    latents = ae.encode(part["images"].to(acc.device))
+            uncond = draws.rand(draws.per_sample(len(part["captions"]))) < cfg.prompt_dropout
+            with acc.autocast():
+                loss = gen(latents, part["captions"], uncond, draws=draws)
+            acc.backward(loss / len(parts))
+            total += float(loss.detach()) / len(parts)
         if cfg.grad_clip:
             acc.clip_grad_norm_(gen.parameters(), cfg.grad_clip)
         optimizer.step()
@@ -88,37 +100,48 @@ def train_generator(
         if ema is not None:
             ema.step(raw.parameters())
 
-        value = float(loss.detach())
+        value = run.mean(total)
         run.advance({"loss": value})
         if step % cfg.log_every == 0 or step == cfg.steps:
             run.log(step, {"loss": value, "lr": schedule.get_last_lr()[0], "skipped_images": run.skipped})
-        if step % cfg.sample_every == 0 or step == cfg.steps:
-            _save_samples(run, step, raw, ae, captions[:8], preset)
+        if cfg.sample_count and (step % cfg.sample_every == 0 or step == cfg.steps):
+            _save_samples(run, step, raw, ae, parts[0]["captions"], preset, cfg)
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            train_state = {"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()}
+            train_state = {"schedule": schedule.state_dict()}
             if ema is not None:
                 train_state["ema"] = ema.state_dict()
-            run.save_checkpoint(step, {"model": gen}, train_state, cfg.keep_checkpoints)
+            run.save_checkpoint(step, train_state, cfg.keep_checkpoints)
 
     if ema is not None:
         ema.copy_to(raw.parameters())
     raw.eval()
+    weights = run.full_state_dict(gen)
     if acc.is_main_process:
-        VGTPipeline(ae, raw, preset.generation).save_pretrained(run.out / "model")
+        VGTPipeline(ae, raw, preset.generation).save_pretrained(run.out / "model", generator_state=weights)
+    acc.wait_for_everyone()
     run.finish()
     return run.out / "model"
 
 
 @torch.no_grad()
-def _save_samples(run: TrainingRun, step: int, gen: VGTGenerator, ae: VGTAutoencoder, captions: list[str], preset: Preset) -> None:
-    if not run.accelerator.is_main_process or not captions:
-        return
+def _save_samples(run: TrainingRun, step: int, gen: VGTGenerator, ae: VGTAutoencoder, captions: list[str], preset: Preset, cfg) -> None:
+    """Every process draws its share of ``cfg.sample_count`` captions (all take part, as FSDP needs); the main
+    process saves the grid. The settings are the model's generation defaults with ``cfg.sample_generation``."""
+    acc = run.accelerator
+    count = min(cfg.sample_count, len(captions))
+    per = -(-count // run.world)
+    mine = (captions * per * run.world)[run.rank * per : (run.rank + 1) * per]  # padded so every process draws `per`
     was_training = gen.training
     gen.eval()
-    latents = gen.generate(captions, ae.grid, preset.generation.model_copy(update={"seed": step}))
+    settings = preset.generation.model_copy(update={**cfg.sample_generation, "seed": step * run.world + run.rank})
+    latents = gen.generate(mine, ae.grid, settings)
     gen.train(was_training)
-    images = ae.decode(latents.to(next(ae.parameters()).dtype)).clamp(-1, 1).float().cpu()
+    images = ae.decode(latents.to(next(ae.parameters()).dtype)).clamp(-1, 1).float().contiguous()
+    images = acc.gather(images)[:count].cpu() if run.world > 1 else images[:count].cpu()
+    if not acc.is_main_process:
+        return
+    shown = (captions * per * run.world)[:count] if run.world > 1 else mine[:count]
     folder = run.out / "samples"
     folder.mkdir(exist_ok=True)
-    save_image((images + 1) / 2, folder / f"step-{step:08d}.png", nrow=min(4, len(captions)))
-    (folder / f"step-{step:08d}.txt").write_text("\n".join(captions) + "\n")
+    save_image((images + 1) / 2, folder / f"step-{step:08d}.png", nrow=min(4, count))
+    (folder / f"step-{step:08d}.txt").write_text("\n".join(shown) + "\n")

@@ -7,7 +7,8 @@ Layout of a run folder::
     OUT/log.jsonl              one JSON object of scalars per logged step
     OUT/tb/                    tensorboard event files
     OUT/samples/step-N.png     image grids at intervals
-    OUT/checkpoints/step-N/    weights (safetensors) + optimizer/EMA/RNG/data position (safetensors + JSON)
+    OUT/checkpoints/step-N/    accelerate's save_state (weights as safetensors, optimizer states, RNG) + state.json /
+                               state.safetensors (step, schedules, EMA, counters); the data position is the step
     OUT/model/                 the final model folder (from_pretrained)
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
 from pathlib import Path
@@ -22,11 +24,15 @@ from typing import Any, Iterable, Iterator
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
+from diffusers.training_utils import EMAModel
 from torch import nn
 from tqdm.auto import tqdm
 
+from vgt_core.data import make_loader
 from vgt_core.errors import VGTError
-from vgt_core.serialization import atomic_folder, load_tree, load_weights, save_tree, save_weights, write_json
+from vgt_core.randomness import SampleDraws
+from vgt_core.serialization import load_tree, save_tree, write_json
 
 CHECKPOINTS = "checkpoints"
 
@@ -50,19 +56,6 @@ def cosine_with_warmup(optimizer: torch.optim.Optimizer, warmup: int, total: int
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def enable_gradient_checkpointing(module: nn.Module) -> None:
     """Turn on activation checkpointing in every transformers/diffusers part that supports it."""
     for sub in module.modules():
@@ -72,22 +65,92 @@ def enable_gradient_checkpointing(module: nn.Module) -> None:
             sub.gradient_checkpointing = True
 
 
-class TrainingRun:
-    """One training run in ``out_dir``: refuses to overwrite a run unless asked to resume it."""
+class ScheduledEMA(EMAModel):
+    """diffusers' EMA with upstream's schedule as an option: the average is a copy of the weights until step
+    ``start``, then decays at ``decay``, constant (upstream, mmengine's momentum) or ramped in as
+    ``min(decay, (1 + n) / (10 + n))`` (diffusers' default) when ``warmup``."""
 
-    def __init__(self, out_dir: str | Path, *, precision: str, resume: bool, progress: bool, preset: dict | None):
+    def __init__(self, parameters, *, decay: float, start: int = 0, warmup: bool = True):
+        super().__init__(parameters, decay=decay, update_after_step=start)
+        self.ramp = warmup
+
+    def get_decay(self, optimization_step: int) -> float:
+        if optimization_step <= self.update_after_step:
+            return 0.0
+        return super().get_decay(optimization_step) if self.ramp else self.decay
+
+
+def split_batch(batch: dict[str, Any], parts: int) -> list[dict[str, Any]]:
+    """A collated batch in ``parts`` micro-batches (gradient accumulation), in order; ``skipped`` goes with the first."""
+    n = len(batch["captions"])
+    bounds = [round(i * n / parts) for i in range(parts + 1)]
+    out = []
+    for i in range(parts):
+        part = {k: v[bounds[i] : bounds[i + 1]] for k, v in batch.items() if k != "skipped"}
+        out.append({**part, "skipped": batch["skipped"] if i == 0 else 0})
+    return out
+
+
+class TrainingRun:
+    """One training run in ``out_dir`` on every process of an ``accelerate launch``; refuses to overwrite a run
+    unless asked to resume it.
+
+    ``batch_size`` is the global batch of one optimizer step: each of the ``world`` processes takes
+    ``batch_size / world`` of it and runs them as ``accumulation`` micro-batches. Every random draw of training is
+    made per sample (``vgt_core.randomness``), so the result does not depend on ``world`` or ``accumulation``.
+    """
+
+    def __init__(
+        self,
+        out_dir: str | Path,
+        *,
+        precision: str,
+        resume: bool,
+        progress: bool,
+        preset: dict | None,
+        batch_size: int = 1,
+        accumulation: int = 1,
+    ):
         self.out = Path(out_dir)
+        self.accelerator = Accelerator(
+            mixed_precision=mixed_precision(precision),
+            log_with="tensorboard",
+            project_dir=str(self.out),
+            cpu=not torch.accelerator.is_available(),  # so that processes launched on CPUs form a (gloo) group
+        )
+        acc = self.accelerator
+        self.rank, self.world, self.accumulation = acc.process_index, acc.num_processes, accumulation
+        if accumulation < 1 or batch_size % (self.world * accumulation):
+            raise VGTError(
+                f"batch_size {batch_size} (the global batch) must split evenly into {self.world} process(es) x "
+                f"{accumulation} gradient_accumulation_steps; choose a multiple of {self.world * max(1, accumulation)}"
+            )
+        if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED) and acc.is_main_process:
+            print(f"vgt: {acc.distributed_type.value} run; checkpoints hold sharded optimizer states (see docs/distributed.md)")
         self.out.mkdir(parents=True, exist_ok=True)
         if self.checkpoints() and not resume:
             raise VGTError(f"{self.out} already holds checkpoints of a run: pass --resume to continue it, or a new --out")
-        self.accelerator = Accelerator(mixed_precision=mixed_precision(precision), log_with="tensorboard", project_dir=str(self.out))
-        self.accelerator.init_trackers("tb")
-        self.device = self.accelerator.device
-        self.show_progress = progress and self.accelerator.is_main_process
+        acc.init_trackers("tb")
+        self.device = acc.device
+        self.show_progress = progress and acc.is_main_process
         self.bar: tqdm | None = None
-        self.skipped = 0  # unreadable images met so far, across resumes (it travels in the checkpoints)
-        if preset is not None and self.accelerator.is_main_process:
+        self.skipped = 0  # unreadable images met so far by all processes, across resumes (kept in the checkpoints)
+        if preset is not None and acc.is_main_process:
             write_json(self.out / "preset.json", preset)
+
+    # -- data ---------------------------------------------------------------------------------------------------
+
+    def loader(self, dataset, batch_size: int, seed: int, start: int, *, num_workers: int = 0, collate_fn=None):
+        """This process's share of each global batch, from global batch ``start + 1`` on."""
+        kwargs = {"collate_fn": collate_fn} if collate_fn is not None else {}
+        loader, _ = make_loader(
+            dataset, batch_size, seed, num_workers=num_workers, start_state=start, rank=self.rank, world=self.world, **kwargs
+        )
+        return loader
+
+    def draws(self, seed: int, step: int, positions: list[int]) -> SampleDraws:
+        """The model's random draws for the samples at ``positions`` of global batch ``step``."""
+        return SampleDraws.for_batch(seed, "train", step, positions)
 
     # -- checkpoints --------------------------------------------------------------------------------------------
 
@@ -96,28 +159,41 @@ class TrainingRun:
         found = [p for p in folder.glob("step-*") if re.fullmatch(r"step-\d+", p.name)] if folder.exists() else []
         return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
-    def save_checkpoint(self, step: int, modules: dict[str, nn.Module], state: dict[str, Any], keep: int) -> None:
-        """Weights of ``modules`` as safetensors, ``state`` (optimizers, EMA, data position...) as a tree, plus
-        the RNG state, in one atomic folder; older checkpoints beyond ``keep`` are removed."""
-        if not self.accelerator.is_main_process:
-            return
-        with atomic_folder(self.out / CHECKPOINTS / f"step-{step:08d}") as tmp:
-            for name, module in modules.items():
-                save_weights(self.accelerator.unwrap_model(module), tmp / f"{name}.safetensors")
-            save_tree({"step": step, "rng": rng_state(), "skipped": self.skipped, **state}, tmp, "state")
-        for old in self.checkpoints()[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+    def save_checkpoint(self, step: int, state: dict[str, Any], keep: int) -> None:
+        """Every prepared model and optimizer through accelerate's ``save_state`` (safetensors weights; optimizer
+        states sharded as the run is: DDP, FSDP or DeepSpeed), plus ``state`` (schedules, EMA, counters) as a
+        safetensors + JSON tree, in one folder that appears atomically; older checkpoints beyond ``keep`` go.
+        Every process must call it (saving sharded states is collective)."""
+        acc = self.accelerator
+        final = self.out / CHECKPOINTS / f"step-{step:08d}"
+        tmp = final.with_name(f".tmp-{final.name}")
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)  # a run killed while writing left it; it is ours
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp), safe_serialization=True)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            save_tree({"step": step, "skipped": self.skipped, "world": self.world, **state}, tmp, "state")
+            if final.exists():  # a checkpoint of the same step from a run that was resumed before this step
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            for old in self.checkpoints()[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
 
-    def load_latest(self, modules: dict[str, nn.Module]) -> dict[str, Any] | None:
-        """Restore the newest checkpoint into ``modules``; return its state (None if there is none)."""
+    def load_latest(self) -> dict[str, Any] | None:
+        """Restore the newest checkpoint into the prepared models and optimizers (call after ``prepare``); return
+        its state tree (None if there is none)."""
         found = self.checkpoints()
         if not found:
             return None
-        for name, module in modules.items():
-            load_weights(self.accelerator.unwrap_model(module), found[-1] / f"{name}.safetensors")
+        if not (found[-1] / "optimizer.bin").exists():
+            raise VGTError(f"{found[-1]}: not a checkpoint of this vgt version (written before accelerate's state API); start a new run")
+        self.accelerator.load_state(str(found[-1]))
         state = load_tree(found[-1], "state")
-        set_rng_state(state.pop("rng"))
         self.skipped = state.pop("skipped", 0)
+        state.pop("world", None)
         self._truncate_log(state["step"])
         return state
 
@@ -128,19 +204,53 @@ class TrainingRun:
             kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
             path.write_text("".join(line + "\n" for line in kept))
 
-    # -- logs ---------------------------------------------------------------------------------------------------
+    def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The whole, unsharded state dict of a prepared model (collective under FSDP / ZeRO-3: call on every
+        process); complete on the main process."""
+        return self.accelerator.get_state_dict(model)
 
-    def batches(self, loader: Iterable[dict[str, Any]], start: int, total: int, desc: str) -> Iterator[tuple[int, dict[str, Any]]]:
-        """``(step, batch)`` for steps ``start + 1 .. total``, the progress bar running. Unreadable images are
-        counted in ``skipped``; a batch they left empty is passed over, its step spent as in an uninterrupted run."""
+    # -- steps --------------------------------------------------------------------------------------------------
+
+    def batches(self, loader: Iterable[dict[str, Any]], start: int, total: int, desc: str) -> Iterator[tuple[int, list[dict[str, Any]]]]:
+        """``(step, micro-batches)`` for steps ``start + 1 .. total``, the progress bar running. Unreadable images
+        are counted in ``skipped`` (summed over processes); a micro-batch left empty on any process is dropped by
+        all (so that every process runs the same forward and backward passes); a step left with none is passed
+        over, spent as in an uninterrupted run."""
         self.start_progress(total, start, desc)
         batches = iter(loader)
         for step in range(start + 1, total + 1):
-            batch = next(batches)
-            self.skipped += batch["skipped"]
-            if len(batch["captions"]) == 0:
+            parts = split_batch(next(batches), self.accumulation)
+            counts = torch.tensor([len(p["captions"]) for p in parts] + [parts[0]["skipped"]], device=self.device)
+            lowest, skipped = counts[:-1], counts[-1:]
+            if self.world > 1:
+                torch.distributed.all_reduce(lowest, torch.distributed.ReduceOp.MIN)
+                torch.distributed.all_reduce(skipped, torch.distributed.ReduceOp.SUM)
+            self.skipped += int(skipped.item())
+            kept = [p for p, n in zip(parts, lowest.tolist()) if n > 0]
+            if not kept:
                 continue  # nothing readable to learn from; the count above keeps the loss of data visible
-            yield step, batch
+            yield step, kept
+
+    def micro_steps(self, model: nn.Module, parts: list[Any]) -> Iterator[Any]:
+        """Each micro-batch in a context where gradients are synchronised across processes on the last only."""
+        for i, part in enumerate(parts):
+            if i + 1 < len(parts) and self.world > 1:
+                with self.accelerator.no_sync(model):
+                    yield part
+            else:
+                yield part
+
+    def mean(self, value: float) -> float:
+        """``value`` averaged over processes (for the log)."""
+        if self.world == 1:
+            return value
+        return float(self.accelerator.reduce(torch.tensor([value], device=self.device), "mean").item())
+
+    def mean_tensor(self, value: torch.Tensor) -> torch.Tensor:
+        """A detached tensor averaged over processes (state that every process must hold alike)."""
+        if self.world == 1:
+            return value
+        return self.accelerator.reduce(value.detach().clone(), "mean")
 
     def start_progress(self, total: int, initial: int, desc: str) -> None:
         if self.show_progress:
