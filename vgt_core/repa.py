@@ -92,6 +92,7 @@ class RepaTeacher(nn.Module):
 
         if not timm.is_model(model):
             raise ConfigError(_unknown_model_message(model))
+        self.name = model
         kwargs = {"num_classes": 0, **model_kwargs}
         if weights is None:
             cfg = timm.models.get_pretrained_cfg(model)
@@ -125,7 +126,6 @@ class RepaTeacher(nn.Module):
             raise ConfigError(f"repa_image_size {self.image_size} is not a multiple of {model!r}'s patch size {self.patch_size}")
         self.interpolation = config.get("interpolation") if config.get("interpolation") in ("bilinear", "bicubic") else "bilinear"
         self.dynamic = bool(getattr(self.model, "dynamic_img_size", False))
-        self.name = model
         self.register_buffer("mean", torch.tensor(config["mean"], dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(config["std"], dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
 
@@ -150,11 +150,7 @@ class RepaTeacher(nn.Module):
                 parts.append(f"missing keys: {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''} ({len(missing)})")
             if unexpected:
                 parts.append(f"unexpected keys: {', '.join(unexpected[:10])}{' ...' if len(unexpected) > 10 else ''} ({len(unexpected)})")
-            raise ConfigError(f"repa_weights: {path} does not fit timm model {self.name_for_errors}: {'; '.join(parts)}")
-
-    @property
-    def name_for_errors(self) -> str:
-        return repr(getattr(self.model, "pretrained_cfg", {}).get("architecture") or type(self.model).__name__)
+            raise ConfigError(f"repa_weights: {path} does not fit timm model {self.name!r}: {'; '.join(parts)}")
 
     @property
     def feature_dim(self) -> int:
