@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vgt_core.errors import ConfigError, unknown_name_message
 
@@ -172,6 +172,14 @@ class ARTraining(Strict):
     keep_checkpoints: int = 2
     num_workers: int = 0
     seed: int = 0
+    # REPA (docs/training.md#repa): -cos between the head's projected block feature and a frozen teacher's
+    repa_weight: float = Field(0.0, ge=0, description="REPA loss weight (upstream: 0.5 in its pretrain and SFT configs); needs images, not a latent cache")
+    repa_model: str = Field("vit_base_patch16_dinov3.lvd1689m", description="timm name of the frozen REPA teacher (upstream: DINOv3 ViT-B/16)")
+    repa_weights: str | None = Field(
+        None, description="local weights of repa_model (.safetensors; .pth/.bin read weights-only); null: timm's hub safetensors"
+    )
+    repa_model_kwargs: dict[str, Any] = Field(default_factory=dict, description="extra timm.create_model arguments of the teacher")
+    repa_image_size: int | None = Field(None, gt=0, description="side images are resized to for the teacher (null: its own, 256 for DINOv3)")
 
     @field_validator("sample_generation")
     @classmethod
@@ -257,6 +265,15 @@ class Preset(Strict):
     train_ae: AETraining = Field(default_factory=AETraining)
     train_ar: ARTraining = Field(default_factory=ARTraining)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
+
+    @model_validator(mode="after")
+    def _repa_needs_a_projector(self) -> Preset:
+        if self.train_ar.repa_weight > 0 and self.generator.repa_dim is None:
+            raise ValueError(
+                "train_ar.repa_weight > 0 needs generator.repa_dim, the feature width of the REPA teacher "
+                f"{self.train_ar.repa_model!r} (768 for DINOv3 ViT-B/16); it is checked against the teacher when training starts"
+            )
+        return self
 
 
 class Matrix(Strict):
