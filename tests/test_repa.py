@@ -174,3 +174,38 @@ def test_repa_loss_trains_the_generator_and_not_the_teacher(weights):
         repa.backward()
         opt.step()
     assert losses[-1] < losses[0] - 0.3, losses  # -cos falls from about 0 towards -1
+
+
+def test_train_ar_trains_the_projector_with_repa_and_freezes_it_without(weights, tmp_path):
+    """`vgt train-ar` with repa_weight > 0: the teacher reads the images, the log holds both losses and the
+    projector learns; at repa_weight 0 the same projector stays as initialised."""
+    from safetensors.torch import load_file
+
+    from conftest import builtin_preset
+    from vgt_core.compose import build_autoencoder
+    from vgt_core.config import check_preset
+    from vgt_core.training.autoregressive import train_generator
+    from vgt_core.training.run import log_file
+    from vgt_plugins.shapes.world import ShapesWorld
+
+    world = ShapesWorld(image_size=64, seed=2)
+    for i in range(4):
+        sample = world.sample(i)
+        sample.image.save(tmp_path / f"{i}.png")
+        (tmp_path / f"{i}.txt").write_text(sample.caption)
+    p = builtin_preset("tiny-internvl3")
+    p["generator"].update(repa_dim=32)
+    p["train_ar"].update(batch_size=2, log_every=1, sample_every=1000, repa_model=ARCH, repa_weights=str(weights),
+                         repa_model_kwargs=TINY, repa_image_size=32)  # fmt: skip
+    build_autoencoder(check_preset(p, "test", "tiny")).save_pretrained(tmp_path / "ae")
+    projector = {}
+    for weight in (0.5, 0.0):
+        p["train_ar"]["repa_weight"] = weight
+        out = train_generator(check_preset(p, "test", "tiny"), tmp_path / "ae", tmp_path / f"run-{weight}", data=tmp_path, steps=4, progress=False)
+        state = load_file(str(out / "generator" / "model.safetensors"))
+        projector[weight] = {k: v for k, v in state.items() if "repa_projector" in k}
+    rows = log_file(tmp_path / "run-0.5")
+    assert all({"flow", "repa"} <= r.keys() for r in rows)
+    assert rows[0]["loss"] == pytest.approx(rows[0]["flow"] + 0.5 * rows[0]["repa"], rel=1e-5)
+    assert "repa" not in log_file(tmp_path / "run-0.0")[0]
+    assert projector[0.5] and all(not torch.equal(projector[0.5][k], projector[0.0][k]) for k in projector[0.0] if k.endswith("weight"))

@@ -18,7 +18,9 @@ from vgt_core.config import Preset
 from vgt_core.data import collate as image_collate, open_dataset
 from vgt_core.generator import VGTGenerator
 from vgt_core.latents import LatentDataset, collate_latents, is_latent_cache
+from vgt_core.errors import VGTError
 from vgt_core.pipeline import VGTPipeline
+from vgt_core.repa import build_repa_teacher, repa_targets
 from vgt_core.training.autoencoder import _named_dataset, model_folder
 from vgt_core.training.run import ScheduledEMA, TrainingRun, cosine_with_warmup, enable_gradient_checkpointing, optimizer_groups
 
@@ -59,12 +61,23 @@ def train_generator(
     else:
         dataset, collate = open_dataset(data if data is not None else _named_dataset(preset), ae.image_size), image_collate
 
+    teacher = build_repa_teacher(cfg, preset.generator)  # None unless train_ar.repa_weight > 0; checks repa_dim
+    if teacher is not None and cached:
+        raise VGTError(
+            f"{data}: train_ar.repa_weight > 0 needs the training images (the REPA teacher reads them) and a latent "
+            "cache holds none: pass the images as --data, or set train_ar.repa_weight=0"
+        )
+
+    if teacher is None and gen.head.repa_projector is not None:
+        gen.head.repa_projector.requires_grad_(False)  # unused without REPA: no update, no data-parallel stall
     optimizer = torch.optim.AdamW(optimizer_groups(gen.named_parameters(), cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
     schedule = cosine_with_warmup(optimizer, cfg.warmup_steps, cfg.steps, cfg.end_lr / cfg.lr)
     acc = run.accelerator
     gen, optimizer = acc.prepare(gen, optimizer)
     raw = acc.unwrap_model(gen)
     ae.to(acc.device)
+    if teacher is not None:
+        teacher.to(acc.device)  # frozen, outside prepare: no gradients, no sync, not in checkpoints
     ema = ScheduledEMA(raw.parameters(), decay=cfg.ema_decay, start=cfg.ema_start, warmup=cfg.ema_warmup) if cfg.ema_decay else None
     state = run.load_latest() if resume else None
     start = 0
@@ -79,19 +92,28 @@ def train_generator(
 
     gen.train()
     for step, parts in run.batches(loader, start, cfg.steps, "VGT-AR"):
-        total = 0.0
+        scalars: dict[str, float] = {}
         for part in run.micro_steps(gen, parts):
             draws = run.draws(cfg.seed, step, part["positions"])
+            features = None
             with torch.no_grad():
                 if cached:
                     latents = part["latents"].to(acc.device)
                 else:
-                    latents = ae.encode(part["images"].to(acc.device))
+                    images = part["images"].to(acc.device)
+                    latents = ae.encode(images)
+                    if teacher is not None:
+                        features = repa_targets(teacher, images, tuple(latents.shape[-2:]))
             uncond = draws.rand(draws.per_sample(len(part["captions"]))) < cfg.prompt_dropout
             with acc.autocast():
-                loss = gen(latents, part["captions"], uncond, draws=draws)
-            acc.backward(loss / len(parts))
-            total += float(loss.detach()) / len(parts)
+                if features is None:
+                    losses = {"loss": gen(latents, part["captions"], uncond, draws=draws)}
+                else:
+                    flow, repa = gen(latents, part["captions"], uncond, repa_features=features, draws=draws)
+                    losses = {"loss": flow + cfg.repa_weight * repa, "flow": flow, "repa": repa}
+            acc.backward(losses["loss"] / len(parts))
+            for k, v in losses.items():
+                scalars[k] = scalars.get(k, 0.0) + float(v.detach()) / len(parts)
         if cfg.grad_clip:
             acc.clip_grad_norm_(gen.parameters(), cfg.grad_clip)
         optimizer.step()
@@ -100,10 +122,10 @@ def train_generator(
         if ema is not None:
             ema.step(raw.parameters())
 
-        value = run.mean(total)
-        run.advance({"loss": value})
+        scalars = {k: run.mean(v) for k, v in scalars.items()}
+        run.advance(scalars)
         if step % cfg.log_every == 0 or step == cfg.steps:
-            run.log(step, {"loss": value, "lr": schedule.get_last_lr()[0], "skipped_images": run.skipped})
+            run.log(step, {**scalars, "lr": schedule.get_last_lr()[0], "skipped_images": run.skipped})
         if cfg.sample_count and (step % cfg.sample_every == 0 or step == cfg.steps):
             _save_samples(run, step, raw, ae, parts[0]["captions"], preset, cfg)
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
