@@ -138,6 +138,7 @@ def train_autoencoder(
     for frozen in (teacher, perceptual, lecam):
         if frozen is not None:
             frozen.to(acc.device)
+    run.check_ema(cfg.ema_decay, f"train_ae.stage{stage}.ema_decay")
     ema = ScheduledEMA(raw.parameters(), decay=cfg.ema_decay, start=cfg.ema_start, warmup=cfg.ema_warmup) if cfg.ema_decay else None
     state = run.load_latest() if resume else None
     start = 0

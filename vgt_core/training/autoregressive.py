@@ -78,6 +78,7 @@ def train_generator(
     ae.to(acc.device)
     if teacher is not None:
         teacher.to(acc.device)  # frozen, outside prepare: no gradients, no sync, not in checkpoints
+    run.check_ema(cfg.ema_decay, "train_ar.ema_decay")
     ema = ScheduledEMA(raw.parameters(), decay=cfg.ema_decay, start=cfg.ema_start, warmup=cfg.ema_warmup) if cfg.ema_decay else None
     state = run.load_latest() if resume else None
     start = 0

@@ -138,6 +138,22 @@ class TrainingRun:
         if preset is not None and acc.is_main_process:
             write_json(self.out / "preset.json", preset)
 
+    @property
+    def sharded_parameters(self) -> bool:
+        """Whether each process holds only a shard of the weights (FSDP, DeepSpeed ZeRO-3)."""
+        acc = self.accelerator
+        if acc.distributed_type == DistributedType.FSDP:
+            return True
+        return acc.distributed_type == DistributedType.DEEPSPEED and acc.state.deepspeed_plugin.zero_stage == 3
+
+    def check_ema(self, decay: float | None, key: str) -> None:
+        """The EMA averages whole parameters on each process: refuse it where they are sharded."""
+        if decay and self.sharded_parameters:
+            raise VGTError(
+                f"{key}={decay} needs whole parameters on each process, and this {self.accelerator.distributed_type.value} "
+                f"run shards them: set {key}=null, or train with DDP / DeepSpeed ZeRO-2 (docs/distributed.md)"
+            )
+
     # -- data ---------------------------------------------------------------------------------------------------
 
     def loader(self, dataset, batch_size: int, seed: int, start: int, *, num_workers: int = 0, collate_fn=None):
@@ -188,7 +204,7 @@ class TrainingRun:
         found = self.checkpoints()
         if not found:
             return None
-        if not (found[-1] / "optimizer.bin").exists():
+        if not (found[-1] / "random_states_0.pkl").exists():
             raise VGTError(f"{found[-1]}: not a checkpoint of this vgt version (written before accelerate's state API); start a new run")
         self.accelerator.load_state(str(found[-1]))
         state = load_tree(found[-1], "state")
