@@ -137,7 +137,8 @@ def cmd_cache_latents(args: argparse.Namespace) -> None:
     )  # fmt: skip
     if state.is_main_process:
         print(
-            f"cached {manifest['count']} latents of grid {manifest['grid']} ({manifest['dtype']}, {manifest['processes']} processes) "
+            f"cached {manifest['count']} latents of grid {manifest['grid']} ({manifest['dtype']}, {manifest['processes']} "
+            f"process{'es' if manifest['processes'] > 1 else ''}) "
             f"to {args.out} (skipped unreadable: {manifest['skipped']})"
         )
 

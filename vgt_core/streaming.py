@@ -142,9 +142,9 @@ class ShardStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
-        physical = info.id if info is not None else 0
-        if (info.num_workers if info is not None else 1) != self.logical_workers:
-            raise RuntimeError(f"ShardStream was built for {self.logical_workers} workers, runs under {info and info.num_workers}")
+        physical, running = (info.id, info.num_workers) if info is not None else (0, 1)
+        if running != self.logical_workers:
+            raise RuntimeError(f"ShardStream was built for {self.logical_workers} worker(s) but runs under {running}")
         worker = (physical + self.rotation) % self.logical_workers
         order = [self.shards[i] for i in shard_order(len(self.shards), self.seed, self.epoch)]
         shard_index = {url: i for i, url in enumerate(self.shards)}
@@ -265,8 +265,8 @@ def stream_loader(
     missing = [p for p in paths if _is_local(p) and not Path(p).is_file()]
     if missing:
         raise FileNotFoundError(f"{len(missing)} of {len(paths)} shards do not exist (first: {missing[0]})")
-    limits = {"image_size": (image_size, 1), "per_rank_batch": (per_rank_batch, 1), "world": (world, 1), "num_workers": (num_workers, 0), "start_epoch": (start_epoch, 0)}
-    for name, (value, low) in limits.items():
+    limits = {"image_size": (image_size, 1), "per_rank_batch": (per_rank_batch, 1), "world": (world, 1)}
+    for name, (value, low) in {**limits, "num_workers": (num_workers, 0), "start_epoch": (start_epoch, 0)}.items():
         if not isinstance(value, int) or value < low:
             raise ValueError(f"stream_loader: {name} must be an integer >= {low}, got {value!r}")
     if not 0 <= rank < world:
