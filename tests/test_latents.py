@@ -87,6 +87,26 @@ def test_reads_the_single_process_layout_of_earlier_caches(tmp_path):
         cache[5]
 
 
+def test_handles_belong_to_one_process(tmp_path, monkeypatch):
+    import pickle
+
+    import vgt_core.latents as latents
+
+    block = torch.randn(4, 2, 3, 3)
+    save_file({"latents": block}, str(tmp_path / "shard-r000-00000.safetensors"))
+    (tmp_path / "shard-r000-00000.json").write_text(json.dumps({"captions": list("abcd"), "indices": [0, 1, 2, 3]}))
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": "vgt-latents", "count": 4, "shards": ["shard-r000-00000"]}))
+    cache = LatentDataset(tmp_path)
+    assert torch.equal(cache[2]["latents"], block[2])
+    parent = cache._slices[0]
+    assert pickle.loads(pickle.dumps(cache))._slices == {}  # a spawned worker gets no handle of ours
+    monkeypatch.setattr(latents.os, "getpid", lambda: -1)  # as seen from a forked worker
+    assert torch.equal(cache[3]["latents"], block[3]) and cache._slices[0] is not parent
+    monkeypatch.undo()
+    loader = torch.utils.data.DataLoader(cache, batch_size=2, num_workers=2)
+    assert torch.equal(torch.cat([b["latents"] for b in loader]), block)
+
+
 MEASURE = textwrap.dedent(
     """
     import json, os, sys
