@@ -124,17 +124,23 @@ def cmd_eval_recon(args: argparse.Namespace) -> None:
 
 @command("cache-latents")
 def cmd_cache_latents(args: argparse.Namespace) -> None:
-    import torch
-
     from vgt_core.autoencoder import VGTAutoencoder
     from vgt_core.data import open_dataset
-    from vgt_core.latents import cache_latents
+    from vgt_core.latents import cache_latents, process_state
     from vgt_core.training.autoencoder import model_folder
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    ae = VGTAutoencoder.from_pretrained(model_folder(args.autoencoder), map_location=device)
-    manifest = cache_latents(ae, open_dataset(args.data, ae.image_size), args.out, batch_size=args.batch_size, progress=not args.quiet)
-    print(f"cached {manifest['count']} latents of grid {manifest['grid']} to {args.out} (skipped unreadable: {manifest['skipped']})")
+    state = process_state()  # one process, or one rank of `accelerate launch` / `torchrun`: each on its own device
+    ae = VGTAutoencoder.from_pretrained(model_folder(args.autoencoder), map_location=state.device)
+    manifest = cache_latents(
+        ae, open_dataset(args.data, ae.image_size), args.out, batch_size=args.batch_size, shard_size=args.shard_size,
+        num_workers=args.num_workers, dtype=args.dtype, progress=not args.quiet,
+    )  # fmt: skip
+    if state.is_main_process:
+        print(
+            f"cached {manifest['count']} latents of grid {manifest['grid']} ({manifest['dtype']}, {manifest['processes']} "
+            f"process{'es' if manifest['processes'] > 1 else ''}) "
+            f"to {args.out} (skipped unreadable: {manifest['skipped']})"
+        )
 
 
 @command("train-ar")
@@ -207,6 +213,21 @@ def cmd_convert_upstream(args: argparse.Namespace) -> None:
 # -- parser -------------------------------------------------------------------------------------------------------
 
 
+def _at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``low``, else a usage error saying so."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+        return value
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vgt", description="Visual Generation Tuning: a VLM that generates images")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -251,7 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--autoencoder", required=True)
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=_at_least(1), default=32, help="images per encoder call, per process")
+    p.add_argument("--shard-size", type=_at_least(1), default=4096, help="latents per safetensors shard")
+    p.add_argument("--num-workers", type=_at_least(0), default=0, help="DataLoader workers decoding images, per process")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="how latents are stored")
 
     p = add("train-ar", "train the generator (QueryAR or MAR on the VLM's language model)")
     preset_args(p)
