@@ -168,3 +168,27 @@ def test_iterating_in_process_leaves_the_global_rng_alone(tmp_path):
     loader = stream_loader(shards, SIZE, per_rank_batch=2, seed=0, rank=0, world=1, num_workers=0, crop="random", random_flip=True)
     one_epoch(loader)
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_vgt_ae_training_streams_shards_and_resumes_exactly(tmp_path):
+    """`train_ae.stage1.streaming: true` on tar shards: training reads the stream, and a run resumed from its
+    checkpoint ends with the weights of the uninterrupted run."""
+    from safetensors.torch import load_file
+
+    from conftest import builtin_preset
+    from vgt_core.config import check_preset
+    from vgt_core.training.autoencoder import train_autoencoder
+    from vgt_core.training.run import log_file
+
+    paths, _ = write_shards(tmp_path, [3, 3, 3, 3])
+    p = builtin_preset("tiny-internvl3")
+    p["train_ae"]["stage1"].update(batch_size=2, log_every=1, checkpoint_every=3, sample_every=1000, streaming=True,
+                                   noise_sigma=0.2, gan_weight=0.0, perceptual_weight=0.0)  # fmt: skip
+    preset = check_preset(p, "test", "tiny")
+    data = str(tmp_path / "shard-{000..003}.tar")
+    straight = train_autoencoder(preset, tmp_path / "straight", data=data, steps=8, progress=False)
+    train_autoencoder(preset, tmp_path / "resumed", data=data, steps=3, progress=False)  # stops at its checkpoint
+    resumed = train_autoencoder(preset, tmp_path / "resumed", data=data, steps=8, resume=True, progress=False)
+    a, b = load_file(str(straight / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["step"] for r in log_file(tmp_path / "resumed")] == list(range(1, 9))  # 8 steps: into the third epoch

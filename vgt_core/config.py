@@ -99,6 +99,11 @@ class AEStage(Strict):
         "random", description="square crop after resizing the shorter side: random (upstream's training) or center"
     )
     random_flip: bool = True
+    streaming: bool = Field(
+        False,
+        description="read tar shards as a stream (webdataset): each process its own shards, no up-front index; "
+        "exact resume on the same number of processes (docs/training.md#data-at-scale)",
+    )
     log_every: int = 50
     sample_every: int = 1000
     checkpoint_every: int = 1000
@@ -161,6 +166,11 @@ class ARTraining(Strict):
     gradient_accumulation_steps: int = Field(1, ge=1, description="micro-batches per optimizer step; batch_size stays the global batch")
     gradient_checkpointing: bool = False
     mixed_precision: Precision = "auto"
+    streaming: bool = Field(
+        False,
+        description="read tar shards as a stream (webdataset): each process its own shards, no up-front index; "
+        "exact resume on the same number of processes (docs/training.md#data-at-scale)",
+    )
     log_every: int = 50
     sample_every: int = 1000
     sample_count: int = Field(4, ge=0, description="captions of the batch drawn at each sample_every (0: none)")

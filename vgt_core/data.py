@@ -13,6 +13,7 @@ import json
 import os
 import re
 import tarfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, NamedTuple
 
@@ -258,15 +259,54 @@ def _source_for(path: Path) -> Dataset:
     return TarShardDataset(tars) if len(folder) == 0 and tars else folder
 
 
+@dataclass
+class ShardSource:
+    """Tar shards read as a stream (``streaming: true``; ``vgt_core.streaming``) rather than indexed: each process
+    reads its own shards, decoded in its DataLoader workers, and nothing indexes every shard up front."""
+
+    shards: list[str]
+    image_size: int
+    crop: Literal["center", "random"] = "center"
+    random_flip: bool = False
+
+    def loader(self, per_rank_batch: int, seed: int, rank: int, world: int, num_workers: int, state: dict | None = None):
+        from vgt_core.streaming import stream_loader
+
+        return stream_loader(
+            self.shards, self.image_size, per_rank_batch=per_rank_batch, seed=seed, rank=rank, world=world,
+            num_workers=num_workers, crop=self.crop, random_flip=self.random_flip, start_state=state,
+        )  # fmt: skip
+
+
+def tar_shards(path: str | os.PathLike) -> list[str]:
+    """The shards a path names: a ``.tar``, a brace pattern (``data/{000..099}.tar``) or a folder of ``.tar``."""
+    text = str(path)
+    if "{" in text:
+        return expand_braces(text)
+    if Path(text).is_dir():
+        shards = sorted(str(p) for p in Path(text).glob("*.tar"))
+        if shards:
+            return shards
+    elif text.endswith(".tar"):
+        return [text]
+    raise ValueError(f"{text}: streaming reads tar shards (a .tar, a brace pattern or a folder of .tar), found none")
+
+
 def open_dataset(
     source: str | os.PathLike | Dataset,
     image_size: int,
     *,
     random_flip: bool = False,
     crop: Literal["center", "random"] = "center",
-) -> Dataset:
+    streaming: bool = False,
+) -> Dataset | ShardSource:
     """The right source for a path (image folder, ``.jsonl``, ``.tar``, brace pattern or folder of ``.tar``), or
-    a dataset of PIL items, all through the same transform. Raises FileNotFoundError when no images are found."""
+    a dataset of PIL items, all through the same transform; with ``streaming`` a path's tar shards as a
+    ``ShardSource``. Raises FileNotFoundError when no images are found."""
+    if streaming:
+        if not isinstance(source, (str, os.PathLike)):
+            raise ValueError("streaming reads tar shards from a path; this data source is a dataset object")
+        return ShardSource(tar_shards(source), image_size, crop=crop, random_flip=random_flip)
     if isinstance(source, (str, os.PathLike)):
         raw = _source_for(Path(source))
         if len(raw) == 0:

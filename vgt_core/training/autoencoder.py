@@ -127,7 +127,7 @@ def train_autoencoder(
         else None
     )
     source = data if data is not None else _named_dataset(preset)
-    dataset = open_dataset(source, ae.image_size, random_flip=cfg.random_flip, crop=cfg.crop)
+    dataset = open_dataset(source, ae.image_size, random_flip=cfg.random_flip, crop=cfg.crop, streaming=cfg.streaming)
 
     acc = run.accelerator
     ae, optimizer = acc.prepare(ae, optimizer)

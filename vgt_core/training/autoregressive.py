@@ -59,7 +59,8 @@ def train_generator(
         if tuple(dataset.manifest["grid"]) != tuple(ae.grid) or dataset.manifest["channels"] != ae.latent_channels:
             raise ValueError(f"{data}: latents of grid {dataset.manifest['grid']} do not match the autoencoder's {list(ae.grid)}")
     else:
-        dataset, collate = open_dataset(data if data is not None else _named_dataset(preset), ae.image_size), image_collate
+        source = data if data is not None else _named_dataset(preset)
+        dataset, collate = open_dataset(source, ae.image_size, streaming=cfg.streaming), image_collate
 
     teacher = build_repa_teacher(cfg, preset.generator)  # None unless train_ar.repa_weight > 0; checks repa_dim
     if teacher is not None and cached:

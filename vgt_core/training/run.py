@@ -24,15 +24,16 @@ from typing import Any, Iterable, Iterator
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, gather_object
 from diffusers.training_utils import EMAModel
 from torch import nn
 from tqdm.auto import tqdm
 
-from vgt_core.data import make_loader
+from vgt_core.data import ShardSource, make_loader
 from vgt_core.errors import VGTError
 from vgt_core.randomness import SampleDraws
 from vgt_core.serialization import load_tree, save_tree, write_json
+from vgt_core.streaming import StreamLoader
 
 CHECKPOINTS = "checkpoints"
 
@@ -86,7 +87,7 @@ def split_batch(batch: dict[str, Any], parts: int) -> list[dict[str, Any]]:
     bounds = [round(i * n / parts) for i in range(parts + 1)]
     out = []
     for i in range(parts):
-        part = {k: v[bounds[i] : bounds[i + 1]] for k, v in batch.items() if k != "skipped"}
+        part = {k: v[bounds[i] : bounds[i + 1]] if isinstance(v, (list, torch.Tensor)) else v for k, v in batch.items() if k != "skipped"}
         out.append({**part, "skipped": batch["skipped"] if i == 0 else 0})
     return out
 
@@ -135,6 +136,8 @@ class TrainingRun:
         self.show_progress = progress and acc.is_main_process
         self.bar: tqdm | None = None
         self.skipped = 0  # unreadable images met so far by all processes, across resumes (kept in the checkpoints)
+        self.stream: StreamLoader | None = None  # a streaming loader's position is saved per process
+        self._stream_state: dict | None = None
         if preset is not None and acc.is_main_process:
             write_json(self.out / "preset.json", preset)
 
@@ -157,7 +160,12 @@ class TrainingRun:
     # -- data ---------------------------------------------------------------------------------------------------
 
     def loader(self, dataset, batch_size: int, seed: int, start: int, *, num_workers: int = 0, collate_fn=None):
-        """This process's share of each global batch, from global batch ``start + 1`` on."""
+        """This process's share of each global batch, from global batch ``start + 1`` on. A ``ShardSource`` is read
+        as a stream (each process its own shards, ``vgt_core.streaming``), resumed from this process's saved state."""
+        if isinstance(dataset, ShardSource):
+            self._per_rank = batch_size // self.world
+            self.stream = dataset.loader(self._per_rank, seed, self.rank, self.world, num_workers, self._stream_state)
+            return self.stream
         kwargs = {"collate_fn": collate_fn} if collate_fn is not None else {}
         loader, _ = make_loader(
             dataset, batch_size, seed, num_workers=num_workers, start_state=start, rank=self.rank, world=self.world, **kwargs
@@ -188,9 +196,13 @@ class TrainingRun:
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
         acc.save_state(str(tmp), safe_serialization=True)
+        streams = None
+        if self.stream is not None:
+            streams = gather_object([self.stream.state_dict()]) if self.world > 1 else [self.stream.state_dict()]
         acc.wait_for_everyone()
         if acc.is_main_process:
-            save_tree({"step": step, "skipped": self.skipped, "world": self.world, **state}, tmp, "state")
+            extra = {"streams": [json.dumps(s) for s in streams]} if streams is not None else {}
+            save_tree({"step": step, "skipped": self.skipped, "world": self.world, **extra, **state}, tmp, "state")
             if final.exists():  # a checkpoint of the same step from a run that was resumed before this step
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -209,7 +221,15 @@ class TrainingRun:
         self.accelerator.load_state(str(found[-1]))
         state = load_tree(found[-1], "state")
         self.skipped = state.pop("skipped", 0)
-        state.pop("world", None)
+        world = state.pop("world", self.world)
+        streams = state.pop("streams", None)
+        if streams is not None:
+            if world != self.world:
+                raise VGTError(
+                    f"{found[-1]}: a streaming run of {world} process(es) resumes on the same number, not {self.world} "
+                    "(each process reads its own shards from where it stopped)"
+                )
+            self._stream_state = json.loads(streams[self.rank])
         self._truncate_log(state["step"])
         return state
 
@@ -235,7 +255,11 @@ class TrainingRun:
         self.start_progress(total, start, desc)
         batches = iter(loader)
         for step in range(start + 1, total + 1):
-            parts = split_batch(next(batches), self.accumulation)
+            batch = next(batches)
+            if "positions" not in batch:  # a stream: the positions of this process's share
+                first = self.rank * self._per_rank
+                batch["positions"] = list(range(first, first + len(batch["captions"])))
+            parts = split_batch(batch, self.accumulation)
             counts = torch.tensor([len(p["captions"]) for p in parts] + [parts[0]["skipped"]], device=self.device)
             lowest, skipped = counts[:-1], counts[-1:]
             if self.world > 1:
