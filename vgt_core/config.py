@@ -42,7 +42,9 @@ class AEStage(Strict):
     """One stage of VGT-AE training (paper §3.2; defaults are the released stage-1 recipe)."""
 
     steps: int = Field(100_000, gt=0)
-    batch_size: int = Field(16, gt=0, description="global batch of one optimizer step, split across processes and micro-batches")
+    batch_size: int = Field(
+        128, gt=0, description="global batch of one optimizer step, split across processes and micro-batches (upstream: 16/GPU x 8)"
+    )
     lr: float = Field(3e-4, gt=0, description="generator and discriminator learning rate")
     end_lr: float = Field(1e-4, ge=0, description="floor of the cosine schedule")
     warmup_steps: int = Field(3000, ge=0)
@@ -152,7 +154,9 @@ class ARTraining(Strict):
     """QueryAR / MAR training (paper §4.1 and upstream's configs)."""
 
     steps: int = Field(100_000, gt=0)
-    batch_size: int = Field(32, gt=0, description="global batch of one optimizer step, split across processes and micro-batches")
+    batch_size: int = Field(
+        256, gt=0, description="global batch of one optimizer step, split across processes and micro-batches (upstream: 32/GPU x 8)"
+    )
     lr: float = Field(2e-4, gt=0)
     end_lr: float = Field(1e-5, ge=0)
     warmup_steps: int = Field(1000, ge=0)
