@@ -102,3 +102,18 @@ def test_cli_reports_a_bad_registry_without_a_traceback(tmp_path):
     assert "unknown encoder 'internvl'; known: internvl3" in result.stderr
     assert "Traceback" not in result.stderr
     assert str(REPO) not in result.stderr or "r.yaml" in result.stderr
+
+
+def test_an_override_through_a_yaml_anchor_changes_only_the_place_it_names():
+    """tiny-internvl3's encoder and backbone share their VLM config through an anchor (&tiny_internvl3)."""
+    from vgt_core.config import apply_overrides, load_presets
+
+    book = load_presets()
+    raw = book.raw("tiny-internvl3")
+    key = "backbone.options.config.text_config.num_hidden_layers"
+    changed = apply_overrides(raw, {key: 1})
+    assert changed["backbone"]["options"]["config"]["text_config"]["num_hidden_layers"] == 1
+    assert changed["encoder"]["options"]["config"]["text_config"]["num_hidden_layers"] == 2  # untouched
+    again = book.raw("tiny-internvl3")
+    again["encoder"]["options"]["config"]["downsample_ratio"] = 0.25
+    assert again["backbone"]["options"]["config"]["downsample_ratio"] == 0.5

@@ -380,9 +380,19 @@ def validate_model(model: type[BaseModel], data: Any, where: str, prefix: str = 
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def unshared_copy(node: Any) -> Any:
+    """A copy of a YAML tree in which no two places share an object. ``copy.deepcopy`` keeps the sharing that YAML
+    anchors create (``*tiny_internvl3`` in encoder and backbone), so an override of one would change both."""
+    if isinstance(node, dict):
+        return {k: unshared_copy(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [unshared_copy(v) for v in node]
+    return copy.deepcopy(node)
+
+
 def apply_overrides(data: dict, overrides: dict[str, Any]) -> dict:
     """A copy of ``data`` with ``{"a.b.c": value}`` set; intermediate dicts are created as needed."""
-    data = copy.deepcopy(data)
+    data = unshared_copy(data)
     for dotted, value in overrides.items():
         node = data
         *parents, leaf = dotted.split(".")
@@ -428,7 +438,7 @@ class PresetBook:
         return self._get(name)[1]
 
     def raw(self, name: str) -> dict:
-        return copy.deepcopy(self._get(name)[0])
+        return unshared_copy(self._get(name)[0])
 
     def _get(self, name: str) -> tuple[dict, str]:
         if name not in self._presets:
@@ -480,7 +490,7 @@ _PATH_KEYS = ("pretrained", "path", "root")
 
 def _resolve_paths(preset: dict, base: Path) -> dict:
     """Make ``./relative`` paths in component options relative to the registry file, not the CWD."""
-    preset = copy.deepcopy(preset)
+    preset = unshared_copy(preset)
     for spec in preset.values():
         if isinstance(spec, dict) and isinstance(spec.get("options"), dict):
             for key in _PATH_KEYS:
