@@ -36,14 +36,17 @@ def cache_latents(
     num_workers: int = 0,
     progress: bool = True,
 ) -> dict:
-    """Encode every image of ``dataset`` (eval mode: normalised, no noise) into a latent cache folder."""
+    """Encode every image of ``dataset`` (eval mode: normalised, no noise) into a latent cache folder.
+
+    ``out_dir`` must be new, empty, or an earlier latent cache holding only its own files, which is then replaced
+    as a whole once the new one is complete; any other folder is refused before anything is encoded."""
     from vgt_core.data import collate
 
     autoencoder.eval()
     device = next(autoencoder.parameters()).device
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate)
     shards, latents, captions, skipped, count = [], [], [], 0, 0
-    with atomic_folder(out_dir) as tmp:
+    with atomic_folder(out_dir, kind=FORMAT) as tmp:  # an earlier cache there is replaced, nothing else
 
         def flush() -> None:
             if latents:

@@ -50,7 +50,7 @@ class VGTPipeline:
         )
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
-        with atomic_folder(folder) as tmp:
+        with atomic_folder(folder, kind="vgt-pipeline") as tmp:
             for name, model in (("autoencoder", self.autoencoder), ("generator", self.generator)):
                 (tmp / name).mkdir()
                 model.write_into(tmp / name)

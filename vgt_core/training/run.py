@@ -26,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from vgt_core.errors import VGTError
-from vgt_core.serialization import atomic_folder, load_tree, load_weights, save_tree, save_weights, write_json
+from vgt_core.serialization import RUN_KIND, atomic_folder, load_tree, load_weights, prepare_output, save_tree, save_weights, write_json
 
 CHECKPOINTS = "checkpoints"
 
@@ -77,10 +77,12 @@ class TrainingRun:
 
     def __init__(self, out_dir: str | Path, *, precision: str, resume: bool, progress: bool, preset: dict | None):
         self.out = Path(out_dir)
-        self.out.mkdir(parents=True, exist_ok=True)
-        if self.checkpoints() and not resume:
-            raise VGTError(f"{self.out} already holds checkpoints of a run: pass --resume to continue it, or a new --out")
         self.accelerator = Accelerator(mixed_precision=mixed_precision(precision), log_with="tensorboard", project_dir=str(self.out))
+        # New, empty or an earlier run's folder only; the main process locks it for the run (released in finish).
+        self.claim = prepare_output(self.out, RUN_KIND, "reuse", main_process=self.accelerator.is_main_process)
+        if self.checkpoints() and not resume:
+            self.claim.release()
+            raise VGTError(f"{self.out} already holds checkpoints of a run: pass --resume to continue it, or a new --out")
         self.accelerator.init_trackers("tb")
         self.device = self.accelerator.device
         self.show_progress = progress and self.accelerator.is_main_process
@@ -163,6 +165,7 @@ class TrainingRun:
         if self.bar is not None:
             self.bar.close()
         self.accelerator.end_training()
+        self.claim.release()
 
 
 def optimizer_groups(named: Iterable[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
