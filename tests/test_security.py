@@ -116,11 +116,23 @@ def test_a_pickle_in_the_hub_cache_is_refused_by_lpips(torch_home, tmp_path, net
     assert not marker.exists()
 
 
-def test_lpips_without_trunk_weights_says_where_to_put_them(torch_home):
-    with pytest.raises(Exception) as info:
+def test_lpips_without_trunk_weights_offline_says_where_to_put_them(torch_home, monkeypatch):
+    from urllib.error import URLError
+
+    from vgt_core.errors import ConfigError
+
+    fetched = []
+
+    def offline(url, dst, **kwargs):  # nothing is downloaded in tests: this is what an offline machine does
+        fetched.append((url, dst, kwargs.get("hash_prefix")))
+        raise URLError("offline")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(ConfigError) as info:
         LPIPSLoss("vgg", "pretrained")
     message = str(info.value)
     assert "vgg16-397923af.pth" in message and "weights_only=True" in message and str(torch_home) in message
+    assert fetched == [("https://download.pytorch.org/models/vgg16-397923af.pth", str(torch_home / "vgg16-397923af.pth"), "397923af")]
 
 
 def _random_squeezenet() -> torch.nn.Module:

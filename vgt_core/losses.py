@@ -78,7 +78,8 @@ class LPIPSLoss(_Frozen):
     So the network is built with no weights at all and filled here, every file read as tensors only
     (``load_state_dict_file``): lpips' own linear layers from the package, and with ``backbone: pretrained``
     torchvision's ImageNet trunk from the torch hub cache (``vgg16-397923af.pth``, or the same name with
-    ``.safetensors``). The result is the network ``lpips.LPIPS(net=net)`` builds.
+    ``.safetensors``; downloaded there from torchvision's URL when missing, as torchvision would). The result is
+    the network ``lpips.LPIPS(net=net)`` builds.
     """
 
     def __init__(self, net: str = "vgg", backbone: str = "pretrained"):
@@ -107,12 +108,21 @@ class LPIPSLoss(_Frozen):
         """torchvision's ImageNet weights of the trunk from the torch hub cache, read as tensors only."""
         path = torchvision_trunk_file(net)
         found = next((p for p in (path, path.with_suffix(".safetensors")) if p.is_file()), None)
-        if found is None:
-            raise ConfigError(
-                f"LPIPS needs torchvision's ImageNet {net} weights: put {path.name} (as torchvision publishes it: "
-                f"tensors only, read with weights_only=True) or {path.with_suffix('.safetensors').name} in "
-                f"{path.parent}, or set perceptual_backbone: random (offline tests) or perceptual_weight: 0."
-            )
+        if found is None:  # fetched as torchvision would (same URL, same hash check), but not unpickled
+            import torchvision.models as tvm
+
+            url = getattr(tvm, TORCHVISION_TRUNKS[net]).IMAGENET1K_V1.url
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                torch.hub.download_url_to_file(url, str(path), hash_prefix=torch.hub.HASH_REGEX.search(path.name).group(1), progress=False)
+            except (URLError, OSError, RuntimeError) as exc:  # offline, or a bad download (hash mismatch)
+                raise ConfigError(
+                    f"LPIPS needs torchvision's ImageNet {net} weights, which are not in {path.parent} and cannot be "
+                    f"downloaded here ({exc}). Put {path.name} there (as torchvision publishes it: tensors only, read "
+                    f"with weights_only=True) or the same tensors as {path.with_suffix('.safetensors').name}, or set "
+                    "perceptual_backbone: random (offline tests) or perceptual_weight: 0."
+                ) from None
+            found = path
         return load_state_dict_file(found, f"LPIPS {net} trunk")
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
