@@ -107,10 +107,10 @@ def test_save_pretrained_never_replaces_a_run_or_a_users_folder(tmp_path):
     run.release()
     (tmp_path / "run" / "log.jsonl").write_text("{}\n")
     files = user_folder(tmp_path / "user")
-    for target in (tmp_path / "run", tmp_path / "user"):
+    for target, why in ((tmp_path / "run", "never replaces"), (tmp_path / "user", "never overwrites")):
         with pytest.raises(OutputFolderError):
             VGTPipeline.save_pretrained(None, target)  # refused before the pipeline is even looked at
-        with pytest.raises(OutputFolderError):
+        with pytest.raises(OutputFolderError, match=why):
             with atomic_folder(target):  # how VGTAutoencoder / VGTGenerator.save_pretrained write
                 pass
     assert (tmp_path / "run" / "log.jsonl").exists() and unchanged(tmp_path / "user", files)

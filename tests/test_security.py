@@ -199,3 +199,27 @@ def test_load_state_dict_file_reads_tensors_and_refuses_anything_else(tmp_path):
         load_state_dict_file(tmp_path / "junk.pth")
     with pytest.raises(FileNotFoundError):
         load_state_dict_file(tmp_path / "missing.pth")
+
+
+def test_eval_recon_reports_a_refused_weights_file_as_a_command_error(tmp_path, capsys, monkeypatch):
+    """The command line: exit 2 with the reason, no traceback, and the planted code never ran."""
+    import vgt_core.autoencoder as autoencoder
+    from vgt_core.cli import main
+
+    class Identity(torch.nn.Module):
+        image_size = 32
+
+        def encode(self, x):
+            return x
+
+        def decode(self, z, size):
+            return z
+
+    monkeypatch.setattr(autoencoder.VGTAutoencoder, "from_pretrained", classmethod(lambda cls, *a, **k: Identity()))
+    monkeypatch.setattr("vgt_core.data.open_dataset", lambda data, size: [{"image": torch.zeros(3, 32, 32), "caption": "", "index": 0}])
+    marker = tmp_path / "pwned"
+    planted = plant_pickle(tmp_path / "inception.pth", marker)
+    code = main(["eval-recon", "--model", "m", "--data", "d", "--inception-weights", str(planted), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(f"vgt eval-recon: error: Inception weights: {planted} refused") and "Traceback" not in err
+    assert not marker.exists()

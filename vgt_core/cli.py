@@ -14,6 +14,10 @@ from vgt_core.errors import VGTError
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int | None]] = {}
 IMAGES_KIND = "vgt-images"  # the output kind of `vgt generate --out FOLDER`
+RUN_OUT_HELP = (
+    "a new or empty folder, or this run's own folder (--resume continues it); "
+    "a folder of other files is refused, and so is one another run is writing"
+)
 
 
 def command(name: str) -> Callable:
@@ -240,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     preset_args(p)
     p.add_argument("--data", help="image folder, JSONL of {image, caption}, or tar shards (default: the preset's dataset)")
     p.add_argument("--stage", type=int, choices=[1, 2], default=1)
-    p.add_argument("--out", required=True, help="a new or empty folder, or this run's own folder (--resume continues it); a folder of other files is refused, and so is one another run is writing")
+    p.add_argument("--out", required=True, help=RUN_OUT_HELP)
     p.add_argument("--steps", type=int)
     p.add_argument("--init", help="stage 2: the stage-1 run folder")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
@@ -267,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     preset_args(p)
     p.add_argument("--autoencoder", required=True, help="a VGT-AE folder (or train-ae run folder)")
     p.add_argument("--data", help="images with captions, or a latent cache (default: the preset's dataset)")
-    p.add_argument("--out", required=True, help="a new or empty folder, or this run's own folder (--resume continues it); a folder of other files is refused, and so is one another run is writing")
+    p.add_argument("--out", required=True, help=RUN_OUT_HELP)
     p.add_argument("--steps", type=int)
     p.add_argument("--resume", action="store_true")
 

@@ -131,7 +131,9 @@ def check_output(path: str | os.PathLike, kind: str | None, mode: OutputMode = "
     if mode == "new":
         raise OutputFolderError(f"{path} already holds a {found} output: give a new or empty folder.")
     if mode == "replace":
-        recorded = set(marker.get("files") or []) if marker else set()
+        if not marker or not isinstance(marker.get("files"), list):
+            raise OutputFolderError(f"{path} holds a {found} output, which vgt adds to but never replaces: give another folder.")
+        recorded = set(marker["files"])
         foreign = [name for name in present if name not in recorded]
         if foreign:
             raise OutputFolderError(
