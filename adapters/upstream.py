@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from vgt_core.errors import VGTError
+from vgt_core.serialization import check_output, weights_only_refusal
 
 AE_PREFIX = "vgt_ae."
 #: Both released VGT-AEs normalise their latent per position over the channels (``encoder_norm=True``), and the
@@ -174,10 +175,7 @@ def load_file(path: str | os.PathLike) -> Any:
     except (RuntimeError, EOFError) as exc:
         raise UpstreamCheckpointError(f"{path}: cannot read as a torch checkpoint: {exc}") from None
     except pickle.UnpicklingError as exc:
-        text = str(exc)
-        needs = re.search(r"Unsupported global: GLOBAL (\S+)", text)
-        detail = re.search(r"WeightsUnpickler error:\s*(.+)", text)
-        why = f"it needs {needs.group(1)}" if needs else (detail.group(1).strip() if detail else type(exc).__name__)
+        why = weights_only_refusal(exc)
         raise UpstreamCheckpointError(
             f"{path}: refused: the file holds Python objects other than tensors and plain containers, and "
             f"unpickling them would run code from the file (torch's weights_only loader: {why}).\n" + _resave_hint(path)
@@ -459,6 +457,7 @@ def convert_upstream(
     ``generation``) for ``VGTPipeline.from_pretrained``; the VGT-AE comes from ``ae`` and/or the AR file's
     ``vgt_ae.*`` (which wins). Without ``ar``: a VGT-AE folder for ``VGTAutoencoder.from_pretrained``.
     ``preset``: a name (from the built-in registry, ``registry`` files and plugins) or a ``Preset``/dict."""
+    from vgt_core.autoencoder import FORMAT as AE_FORMAT
     from vgt_core.autoencoder import VGTAutoencoder
     from vgt_core.compose import build_generator, resolve
     from vgt_core.config import apply_overrides, load_presets
@@ -466,6 +465,8 @@ def convert_upstream(
 
     if ae is None and ar is None:
         raise UpstreamCheckpointError("nothing to convert: pass an AE file, an AR file, or both")
+    # Before any work: ``out`` is new, empty or an earlier conversion of the same kind (replaced as a whole).
+    check_output(out, "vgt-pipeline" if ar is not None else AE_FORMAT, "replace")
     if isinstance(preset, str):
         preset = load_presets(registry).preset(preset, overrides)
     else:

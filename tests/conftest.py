@@ -56,3 +56,24 @@ def register_plugin():
     yield register
     for name in names:
         unregister_plugin(name)
+
+
+@pytest.fixture(scope="session")
+def random_inception_weights(tmp_path_factory):
+    """A torch-fidelity InceptionV3 state dict at random init, saved where a real weights file would be."""
+    import torch_fidelity.feature_extractor_inceptionv3 as fi
+    from torch import nn
+
+    from vgt_core.metrics import INCEPTION_WEIGHTS_NAME
+
+    with pytest.MonkeyPatch.context() as m:  # replace its download by nothing, and keep the random init
+        m.setattr(fi, "load_state_dict_from_url", lambda *a, **k: {})
+        m.setattr(fi.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None)
+        torch.manual_seed(0)
+        net = fi.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    for module in net.modules():  # variance-preserving init so the random features do not vanish with depth
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+    path = tmp_path_factory.mktemp("inception") / INCEPTION_WEIGHTS_NAME
+    torch.save(net.state_dict(), path)
+    return path

@@ -62,8 +62,12 @@ def test_generate_writes_reproducible_pngs_from_a_train_ar_model(trained, tmp_pa
 
     many = vgt("generate", "--model", model, "--prompt", "a red circle", "--prompt", "two blue squares",
                "--tokens-per-step", "4", "--guidance-scale", "2", "--out", str(tmp_path / "many"), "--quiet")  # fmt: skip
-    assert sorted(p.name for p in (tmp_path / "many").iterdir()) == ["0000.png", "0001.png"]
+    assert sorted(p.name for p in (tmp_path / "many").iterdir()) == [".vgt-output", "0000.png", "0001.png"]  # + vgt's record
     assert "0001.png\ttwo blue squares" in many.stdout
+    first = (tmp_path / "many" / "0000.png").read_bytes()
+    vgt("generate", "--model", model, "--prompt", "a red circle", "--tokens-per-step", "4", "--seed", "1", "--out", str(tmp_path / "many"), "--quiet")
+    assert sorted(p.name for p in (tmp_path / "many").glob("*.png")) == ["0000.png"]  # its own earlier images: replaced
+    assert (tmp_path / "many" / "0000.png").read_bytes() != first
 
 
 def test_train_ar_resumes_from_its_last_checkpoint_to_the_same_weights(trained, tmp_path):

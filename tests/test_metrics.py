@@ -67,24 +67,6 @@ def test_rfid_without_weights_is_skipped_with_a_note(no_hub_weights, tmp_path):
         ReconstructionMetrics(inception_weights=tmp_path / "missing.pth")
 
 
-@pytest.fixture(scope="module")
-def random_inception_weights(tmp_path_factory):
-    """A torch-fidelity InceptionV3 state dict at random init, saved where a real weights file would be."""
-    import torch_fidelity.feature_extractor_inceptionv3 as fi
-
-    with pytest.MonkeyPatch.context() as m:  # replace its download by nothing, and keep the random init
-        m.setattr(fi, "load_state_dict_from_url", lambda *a, **k: {})
-        m.setattr(fi.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None)
-        torch.manual_seed(0)
-        net = fi.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-    for module in net.modules():  # variance-preserving init so the random features do not vanish with depth
-        if isinstance(module, nn.Conv2d):
-            nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-    path = tmp_path_factory.mktemp("inception") / INCEPTION_WEIGHTS_NAME
-    torch.save(net.state_dict(), path)
-    return path
-
-
 @pytest.mark.slow
 def test_rfid_with_local_weights(random_inception_weights, no_hub_weights):
     real, _ = _batch_with_errors([0.0] * 4, size=32)

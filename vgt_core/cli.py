@@ -13,6 +13,11 @@ import yaml
 from vgt_core.errors import VGTError
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int | None]] = {}
+IMAGES_KIND = "vgt-images"  # the output kind of `vgt generate --out FOLDER`
+RUN_OUT_HELP = (
+    "a new or empty folder, or this run's own folder (--resume continues it); "
+    "a folder of other files is refused, and so is one another run is writing"
+)
 
 
 def command(name: str) -> Callable:
@@ -156,7 +161,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
     import torch
 
     from vgt_core.pipeline import VGTPipeline
+    from vgt_core.serialization import atomic_folder, check_output
 
+    out = Path(args.out)
+    one_file = len(args.prompt) == 1 and out.suffix.lower() == ".png"
+    if not one_file:
+        check_output(out, IMAGES_KIND, "replace")  # before the model loads; checked again when written
     device = "cuda" if torch.cuda.is_available() else "cpu"
     pipe = VGTPipeline.from_pretrained(args.model, device=device)
     settings = {
@@ -174,16 +184,16 @@ def cmd_generate(args: argparse.Namespace) -> None:
         if value is not None
     }
     images = pipe(args.prompt, progress=not args.quiet, **settings)
-    out = Path(args.out)
-    if len(images) == 1 and out.suffix.lower() == ".png":
+    if one_file:
         out.parent.mkdir(parents=True, exist_ok=True)
         images[0].save(out)
         paths = [out]
     else:
-        out.mkdir(parents=True, exist_ok=True)
-        paths = [out / f"{i:04d}.png" for i in range(len(images))]
-        for image, path in zip(images, paths):
-            image.save(path)
+        names = [f"{i:04d}.png" for i in range(len(images))]
+        with atomic_folder(out, kind=IMAGES_KIND) as tmp:
+            for image, name in zip(images, names):
+                image.save(tmp / name)
+        paths = [out / name for name in names]
     for prompt, path in zip(args.prompt, paths):
         print(f"{path}\t{prompt}")
 
@@ -255,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     preset_args(p)
     p.add_argument("--data", help="image folder, JSONL of {image, caption}, or tar shards (default: the preset's dataset)")
     p.add_argument("--stage", type=int, choices=[1, 2], default=1)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help=RUN_OUT_HELP)
     p.add_argument("--steps", type=int)
     p.add_argument("--init", help="stage 2: the stage-1 run folder")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
@@ -271,7 +281,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("cache-latents", "pre-compute VGT-AE latents for AR training")
     p.add_argument("--autoencoder", required=True)
     p.add_argument("--data", required=True)
-    p.add_argument("--out", required=True)
+    p.add_argument(
+        "--out", required=True,
+        help="a new or empty folder, or an earlier latent cache holding only its own files: that one is replaced, "
+        "once the new cache is complete; any other folder is refused",
+    )
     p.add_argument("--batch-size", type=_at_least(1), default=32, help="images per encoder call, per process")
     p.add_argument("--shard-size", type=_at_least(1), default=4096, help="latents per safetensors shard")
     p.add_argument("--num-workers", type=_at_least(0), default=0, help="DataLoader workers decoding images, per process")
@@ -281,14 +295,18 @@ def build_parser() -> argparse.ArgumentParser:
     preset_args(p)
     p.add_argument("--autoencoder", required=True, help="a VGT-AE folder (or train-ae run folder)")
     p.add_argument("--data", help="images with captions, or a latent cache (default: the preset's dataset)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help=RUN_OUT_HELP)
     p.add_argument("--steps", type=int)
     p.add_argument("--resume", action="store_true")
 
     p = add("generate", "generate images from prompts with a trained model")
     p.add_argument("--model", required=True)
     p.add_argument("--prompt", action="append", required=True, help="repeatable")
-    p.add_argument("--out", required=True, help="a .png for one prompt, else a folder")
+    p.add_argument(
+        "--out", required=True,
+        help="a .png for one prompt (overwritten if it exists), else a folder: new, empty, or an earlier `vgt generate` "
+        "folder holding only its images, which is replaced; any other folder is refused",
+    )
     p.add_argument("--tokens-per-step", type=int, help="position queries per LM pass (1, 4, 16, ...)")
     p.add_argument("--guidance-scale", type=float)
     p.add_argument("--guidance-schedule", choices=["constant", "increasing", "decreasing"])
@@ -302,7 +320,11 @@ def build_parser() -> argparse.ArgumentParser:
     preset_args(p)
     p.add_argument("--ae", help="upstream VGT-AE file (.pth/.pt/.bin or .safetensors); optional when --ar holds vgt_ae.*")
     p.add_argument("--ar", help="upstream AR checkpoint (mmengine: its ema_state_dict is preferred); its vgt_ae.* override --ae")
-    p.add_argument("--out", required=True, help="a pipeline folder (with --ar) or a VGT-AE folder (--ae only)")
+    p.add_argument(
+        "--out", required=True,
+        help="a pipeline folder (with --ar) or a VGT-AE folder (--ae only): new, empty, or an earlier conversion of "
+        "the same kind holding only its own files, which is replaced; any other folder is refused",
+    )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
     from vgt_core.plugins import plugin_manager  # plugins may add commands of their own (see hookspecs)

@@ -65,7 +65,9 @@ def cache_latents(
     device and writes its own shards into one temporary folder; once all are done rank 0 writes the manifest and
     renames the folder into place, so ``out_dir`` appears complete or not at all. Every rank returns the manifest.
     ``dtype`` is how latents are stored (``float32`` or ``bfloat16``, half the size); encoding runs in the
-    autoencoder's own precision."""
+    autoencoder's own precision. ``out_dir`` must be new, empty, or an earlier latent cache holding only its own
+    files, which is then replaced as a whole once the new one is complete; any other folder is refused before
+    anything is encoded."""
     from accelerate.utils import broadcast_object_list, gather_object
 
     from vgt_core.data import collate
@@ -81,7 +83,7 @@ def cache_latents(
     device = next(autoencoder.parameters()).device
     mine = Subset(dataset, range(rank, len(dataset), world))
     loader = DataLoader(mine, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate)
-    with atomic_folder(out_dir) if main else nullcontext() as main_tmp:
+    with atomic_folder(out_dir, kind=FORMAT) if main else nullcontext() as main_tmp:
         tmp = Path(broadcast_object_list([str(main_tmp) if main else None])[0])  # rank 0's folder, shared by all
         shards, latents, captions, indices, skipped, count = [], [], [], [], 0, 0
 

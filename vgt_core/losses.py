@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vgt_core.errors import ConfigError
+from vgt_core.serialization import load_state_dict_file
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -56,24 +57,73 @@ class _Frozen(nn.Module):
         return self
 
 
+# lpips builds its trunks with torchvision's legacy ``pretrained=True``: these weights, in torch's hub cache.
+TORCHVISION_TRUNKS = {"vgg": "VGG16_Weights", "alex": "AlexNet_Weights", "squeeze": "SqueezeNet1_1_Weights"}
+
+
+def torchvision_trunk_file(net: str) -> Path:
+    """Where torchvision keeps the ImageNet weights of lpips' ``net`` trunk (e.g. ``vgg16-397923af.pth``)."""
+    import torchvision.models as tvm
+
+    if net not in TORCHVISION_TRUNKS:
+        raise ConfigError(f"perceptual_net {net!r}: expected one of {', '.join(TORCHVISION_TRUNKS)}")
+    url = getattr(tvm, TORCHVISION_TRUNKS[net]).IMAGENET1K_V1.url
+    return Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
+
+
 class LPIPSLoss(_Frozen):
-    """LPIPS distance (mean over the batch) between images in [-1, 1]."""
+    """LPIPS distance (mean over the batch) between images in [-1, 1].
+
+    ``lpips.LPIPS(pretrained=True)`` lets torchvision unpickle the trunk's hub file with ``weights_only=False``.
+    So the network is built with no weights at all and filled here, every file read as tensors only
+    (``load_state_dict_file``): lpips' own linear layers from the package, and with ``backbone: pretrained``
+    torchvision's ImageNet trunk from the torch hub cache (``vgg16-397923af.pth``, or the same name with
+    ``.safetensors``; downloaded there from torchvision's URL when missing, as torchvision would). The result is
+    the network ``lpips.LPIPS(net=net)`` builds.
+    """
 
     def __init__(self, net: str = "vgg", backbone: str = "pretrained"):
         super().__init__()
         import lpips
 
+        trunk = self._trunk_weights(net) if backbone == "pretrained" else None  # first: a bad file fails fast
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # torchvision's deprecation of `pretrained=`
+            self.lpips = lpips.LPIPS(net=net, pretrained=False, pnet_rand=True, verbose=False)
+        lins = Path(lpips.__file__).parent / "weights" / f"v{self.lpips.version}" / f"{net}.pth"
+        _, unexpected = self.lpips.load_state_dict(load_state_dict_file(lins, f"lpips' {net} linear layers"), strict=False)
+        if unexpected:
+            raise ConfigError(f"{lins}: unexpected LPIPS parameters {sorted(unexpected)[:5]}")
+        if trunk is not None:
+            # lpips keeps torchvision's layer indices: its ``slice<k>.<i>.*`` is torchvision's ``features.<i>.*``.
+            names = self.lpips.net.state_dict()
             try:
-                self.lpips = lpips.LPIPS(net=net, pretrained=True, pnet_rand=backbone == "random", verbose=False)
-            except (URLError, OSError) as exc:
-                raise ConfigError(
-                    f"LPIPS needs torchvision's ImageNet {net} weights, which are not in the local torch hub cache "
-                    f"({torch.hub.get_dir()}/checkpoints) and cannot be downloaded here ({exc}). Copy them there, "
-                    "or set perceptual_backbone: random (offline tests) or perceptual_weight: 0."
-                ) from None
+                self.lpips.net.load_state_dict({name: trunk[re.sub(r"^slice\d+\.", "features.", name)] for name in names})
+            except (KeyError, RuntimeError) as exc:
+                raise ConfigError(f"{torchvision_trunk_file(net)}: not torchvision's {net} features: {exc}") from None
         self.freeze()
+
+    @staticmethod
+    def _trunk_weights(net: str) -> dict[str, torch.Tensor]:
+        """torchvision's ImageNet weights of the trunk from the torch hub cache, read as tensors only."""
+        path = torchvision_trunk_file(net)
+        found = next((p for p in (path, path.with_suffix(".safetensors")) if p.is_file()), None)
+        if found is None:  # fetched as torchvision would (same URL, same hash check), but not unpickled
+            import torchvision.models as tvm
+
+            url = getattr(tvm, TORCHVISION_TRUNKS[net]).IMAGENET1K_V1.url
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                torch.hub.download_url_to_file(url, str(path), hash_prefix=torch.hub.HASH_REGEX.search(path.name).group(1), progress=False)
+            except (URLError, OSError, RuntimeError) as exc:  # offline, or a bad download (hash mismatch)
+                raise ConfigError(
+                    f"LPIPS needs torchvision's ImageNet {net} weights, which are not in {path.parent} and cannot be "
+                    f"downloaded here ({exc}). Put {path.name} there (as torchvision publishes it: tensors only, read "
+                    f"with weights_only=True) or the same tensors as {path.with_suffix('.safetensors').name}, or set "
+                    "perceptual_backbone: random (offline tests) or perceptual_weight: 0."
+                ) from None
+            found = path
+        return load_state_dict_file(found, f"LPIPS {net} trunk")
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.lpips(x.float(), y.float()).mean()

@@ -1,10 +1,13 @@
 """Reconstruction metrics for the image autoencoder: PSNR, SSIM and rFID over a stream of batches.
 
-Nothing here downloads anything: rFID runs only when the Inception weights are already on disk.
+Nothing here downloads anything: rFID runs only when the Inception weights are already on disk. Nothing here
+unpickles anything either: the weights are read as tensors only (``load_state_dict_file``) before
+torch-fidelity's InceptionV3 sees them.
 """
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from pathlib import Path
@@ -14,6 +17,9 @@ import torch
 from torch import nn
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 from tqdm.auto import tqdm
+
+from vgt_core.errors import ConfigError
+from vgt_core.serialization import load_state_dict_file
 
 INCEPTION_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 # torch-fidelity's own download of the same converted TF Inception (same keys, same hash prefix).
@@ -28,8 +34,29 @@ def find_inception_weights(path: str | os.PathLike | None = None) -> tuple[Path 
             raise FileNotFoundError(f"Inception weights not found: {path}")
         return path, [path]
     hub = Path(torch.hub.get_dir()) / "checkpoints"
-    candidates = [hub / INCEPTION_WEIGHTS_NAME, hub / _FIDELITY_WEIGHTS_NAME]
+    names = [INCEPTION_WEIGHTS_NAME, _FIDELITY_WEIGHTS_NAME]
+    candidates = [hub / n for n in names] + [hub / Path(n).with_suffix(".safetensors") for n in names]
     return next((c for c in candidates if c.is_file()), None), candidates
+
+
+def inception_v3(weights: str | os.PathLike) -> nn.Module:
+    """torch-fidelity's ``FeatureExtractorInceptionV3`` (pool3 features) with the weights of ``weights``.
+
+    The library unpickles a weights *path* with ``weights_only=False``, which would run any code a planted file
+    holds. So the file is read here as tensors only (a ``.safetensors`` file, or a torch file under
+    ``weights_only=True``) and the library gets those tensors, re-serialised in memory: the only bytes it
+    unpickles are ones vgt just wrote from plain tensors. Its forward is unchanged, so rFID is too.
+    """
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    state = load_state_dict_file(weights, "Inception weights")
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    try:
+        return FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=buffer)
+    except RuntimeError as exc:  # strict load_state_dict: missing / unexpected keys or shapes
+        raise ConfigError(f"Inception weights: {weights} do not fit torch-fidelity's InceptionV3: {exc}") from None
 
 
 class _InceptionPool3(nn.Module):
@@ -39,9 +66,7 @@ class _InceptionPool3(nn.Module):
 
     def __init__(self, weights: Path) -> None:
         super().__init__()
-        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
-        self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(weights))
+        self.net = inception_v3(weights)
 
     def forward(self, images_uint8: torch.Tensor) -> torch.Tensor:
         # The extractor itself resizes to 299 (TF1-style bilinear) and rescales 0..255 to [-1, 1].

@@ -52,7 +52,7 @@ class VGTPipeline:
     def save_pretrained(self, folder: str | os.PathLike, *, generator_state: dict[str, torch.Tensor] | None = None) -> None:
         """The pipeline folder; ``generator_state`` replaces the generator's own state dict (the gathered weights
         of a sharded FSDP / ZeRO-3 run, whose module holds only its shard)."""
-        with atomic_folder(folder) as tmp:
+        with atomic_folder(folder, kind="vgt-pipeline") as tmp:
             for name, model, state in (("autoencoder", self.autoencoder, None), ("generator", self.generator, generator_state)):
                 (tmp / name).mkdir()
                 model.write_into(tmp / name, state=state)

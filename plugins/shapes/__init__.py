@@ -68,7 +68,7 @@ def vgt_register_datasets(register):
 @hookimpl
 def vgt_add_commands(subparsers, command):
     p = subparsers.add_parser("demo", help="the whole method on the toy world (CPU, minutes)")
-    p.add_argument("--out", required=True, help="folder for every artifact, metrics.json and report.md")
+    p.add_argument("--out", required=True, help="a new or empty folder for every artifact, metrics.json and report.md")
     p.add_argument("--quick", action="store_true", help="a 1-minute smoke run with tiny budgets")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     command("demo")(_demo)
@@ -81,7 +81,11 @@ def vgt_add_commands(subparsers, command):
 
     p = subparsers.add_parser("ablate", help="run an ablation matrix of registry.yaml on the toy world")
     p.add_argument("--matrix", required=True, help="a matrix name (see `vgt presets`)")
-    p.add_argument("--out", required=True, help="folder for every cell, the shared artefacts and results.*")
+    p.add_argument(
+        "--out", required=True,
+        help="folder for every cell, the shared artefacts and results.*: new, empty, or an earlier ablation's "
+        "(its finished cells are reused); any other folder is refused",
+    )
     p.add_argument("--steps", type=int, help="cap the training steps of every phase (smoke runs)")
     p.add_argument("--quick", action="store_true", help="the demo's quick budgets for every cell")
     p.add_argument("--registry", action="append", help="an extra registry.yaml (repeatable)")

@@ -37,7 +37,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from vgt_core.config import Matrix, Preset, PresetBook, load_presets  # noqa: E402
 from vgt_core.errors import ConfigError, unknown_name_message  # noqa: E402
-from vgt_core.serialization import write_json  # noqa: E402
+from vgt_core.serialization import prepare_output, write_json  # noqa: E402
 from vgt_core.training.autoencoder import train_autoencoder  # noqa: E402
 from vgt_core.training.autoregressive import train_generator  # noqa: E402
 from vgt_plugins.shapes import ShapesDataset, ShapesOptions  # noqa: E402
@@ -142,7 +142,8 @@ class Ablation:
 
     def run(self) -> list[dict[str, Any]]:
         cells = self.matrix.expand()
-        self.out.mkdir(parents=True, exist_ok=True)
+        # New, empty or an earlier ablation's folder (whose finished cells are reused); locked while this runs.
+        claim = prepare_output(self.out, "vgt-ablation", "reuse")
         settings = {"matrix": self.name, "base": self.matrix.base, "quick": self.quick, "steps": self.steps,
                     "budget": asdict(self.budget), "cells": cells}
         write_json(self.out / "ablation.json", settings)
@@ -152,6 +153,7 @@ class Ablation:
             rows.append(self.run_cell(label, overrides))
             self._say(f"== {label}: {rows[-1]['status']}" + (f" ({rows[-1]['error']})" if rows[-1]["error"] else ""))
         write_results(self.out, self.name, self.matrix, rows, self._run_notes())
+        claim.release()
         return rows
 
     def run_cell(self, label: str, overrides: dict[str, Any]) -> dict[str, Any]:

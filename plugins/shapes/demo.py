@@ -21,6 +21,7 @@ from vgt_core.data import collate, open_dataset
 from vgt_core.latents import cache_latents
 from vgt_core.metrics import evaluate_reconstruction
 from vgt_core.pipeline import VGTPipeline
+from vgt_core.serialization import prepare_output
 from vgt_core.training.autoencoder import train_autoencoder
 from vgt_core.training.autoregressive import train_generator
 from vgt_core.training.run import log_file
@@ -96,10 +97,11 @@ def run_demo(out: str | Path, *, quick: bool = False, progress: bool = True, sam
 
     ``out`` receives: ``vlm/`` (the understanding model), ``ae-stage1/``, ``ae-stage2/``, ``latents/``, ``ar/``
     (the VGT model in ``ar/model``), ``geneval/`` (GenEval layout, 1 token per step) and ``geneval-m4/``,
-    ``geneval-m16/``, ``metrics.json``, ``samples.png``, ``curves.png`` and ``report.md``.
+    ``geneval-m16/``, ``metrics.json``, ``samples.png``, ``curves.png`` and ``report.md``. ``out`` must be new or
+    empty (a folder of other files, or an earlier demo, is refused); it is locked while the demo runs.
     """
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    claim = prepare_output(out, "vgt-demo", "new")
     phases = Phases(progress)
     mode = "quick" if quick else "full"
     base = load_presets().preset("shapes-demo")
@@ -152,6 +154,7 @@ def run_demo(out: str | Path, *, quick: bool = False, progress: bool = True, sam
     metrics["targets"] = check_targets(metrics)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     write_report(out, metrics, understanding["losses"], {name: log_file(out / name) for name in ("ae-stage1", "ae-stage2", "ar")})
+    claim.release()
     return metrics
 
 

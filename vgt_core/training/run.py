@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from vgt_core.data import ShardSource, make_loader
 from vgt_core.errors import VGTError
 from vgt_core.randomness import SampleDraws
-from vgt_core.serialization import load_tree, save_tree, write_json
+from vgt_core.serialization import RUN_KIND, load_tree, prepare_output, save_tree, write_json
 from vgt_core.streaming import StreamLoader
 
 CHECKPOINTS = "checkpoints"
@@ -128,9 +128,12 @@ class TrainingRun:
             )
         if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED) and acc.is_main_process:
             print(f"vgt: {acc.distributed_type.value} run; checkpoints hold sharded optimizer states (see docs/distributed.md)")
-        self.out.mkdir(parents=True, exist_ok=True)
+        # New, empty or an earlier run's folder only; the main process locks it for the run (released in finish).
+        self.claim = prepare_output(self.out, RUN_KIND, "reuse", main_process=acc.is_main_process)
         if self.checkpoints() and not resume:
+            self.claim.release()
             raise VGTError(f"{self.out} already holds checkpoints of a run: pass --resume to continue it, or a new --out")
+        acc.wait_for_everyone()  # the main process has made the folder
         acc.init_trackers("tb")
         self.device = acc.device
         self.show_progress = progress and acc.is_main_process
@@ -313,6 +316,7 @@ class TrainingRun:
         if self.bar is not None:
             self.bar.close()
         self.accelerator.end_training()
+        self.claim.release()
 
 
 def optimizer_groups(named: Iterable[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
