@@ -22,7 +22,7 @@ the latent of grid position i both ``len(prompt) + i``, so attention sees where 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from pydantic import Field
@@ -36,8 +36,8 @@ from vgt_core.registry import Options
 
 
 class QueryAROptions(Options):
-    train_group_sizes: list[int] = Field(
-        [1], description="query group sizes shown in training, one drawn per sample ([1] = upstream)"
+    train_group_sizes: list[Annotated[int, Field(ge=1)]] = Field(
+        [1], min_length=1, description="query group sizes shown in training, one drawn per sample ([1] = upstream); each must divide the latent tokens"
     )
     train_order: Literal["random", "raster"] = Field("random", description="order of positions in training")
     position_ids: Literal["sequence", "grid"] = Field(
@@ -75,6 +75,19 @@ class QueryAR(nn.Module):
     def setup(self, hidden_size: int, max_grid: int) -> None:
         """The learnable query grid, upstream's ``max_metaquery`` (init N(0, 1/sqrt(D)))."""
         self.query_grid = nn.Parameter(torch.randn(1, hidden_size, max_grid, max_grid) * hidden_size**-0.5)
+
+    def check_grid(self, grid: tuple[int, int]) -> None:
+        """Training lays out groups of ``m`` queries for every size in ``train_group_sizes``: each must divide the
+        latent grid's token count. Checked when training starts, before the first step."""
+        n = grid[0] * grid[1]
+        bad = [m for m in self.options.train_group_sizes if n % m]
+        if bad:
+            fits = [m for m in range(1, n + 1) if n % m == 0]
+            raise ValueError(
+                f"sampler.options.train_group_sizes {self.options.train_group_sizes}: {bad} do not divide the "
+                f"{n} tokens of the {grid[0]}x{grid[1]} latent grid; choose among {fits} "
+                f"(--set sampler.options.train_group_sizes=[...])"
+            )
 
     def queries(self, generator: VGTGenerator, grid: tuple[int, int]) -> torch.Tensor:
         return center_crop(self.query_grid, grid) + generator.positions(grid)  # (N, D)

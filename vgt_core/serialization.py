@@ -18,6 +18,8 @@ from typing import Any, Iterator
 import torch
 from safetensors.torch import load_file, save_file
 
+from vgt_core.errors import VGTError
+
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
@@ -71,11 +73,18 @@ def _untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+class WeightsMismatchError(VGTError, RuntimeError):
+    """A weights file whose tensors (names or shapes) are not the model's."""
+
+
 def load_weights(module: torch.nn.Module, path: str | os.PathLike, strict: bool = True) -> None:
     state = load_file(str(path))
-    missing, unexpected = module.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = module.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shapes that differ: the folder's config does not describe these weights
+        raise WeightsMismatchError(f"{path}: weights do not match the model: {exc}") from None
     if strict and (missing or unexpected):
-        raise RuntimeError(
+        raise WeightsMismatchError(
             f"{path}: weights do not match the model: missing {sorted(missing)[:8]}, unexpected {sorted(unexpected)[:8]}"
         )
 
