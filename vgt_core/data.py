@@ -185,8 +185,15 @@ class TarShardDataset(Dataset):
                             groups.setdefault(os.path.join(folder, base.split(".", 1)[0]), []).append(member)
                 except tarfile.TarError:  # the file ends inside a member: keep what came before
                     truncated = True
+                last = tar.offset  # where the next header would start
             end = os.path.getsize(shard)
             lost = 0
+            with open(shard, "rb") as file:  # a tar ends with zero blocks; anything else there is a cut-off header
+                file.seek(last)
+                tail = file.read(1 << 16)
+            if tail.strip(b"\0") or (not tail and groups):
+                truncated = True
+                lost += 1 if tail.strip(b"\0") else 0  # at most the one sample whose header was cut
             for members in groups.values():
                 whole = [m for m in members if m.offset_data + m.size <= end]
                 truncated |= len(whole) < len(members)
