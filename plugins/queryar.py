@@ -76,10 +76,16 @@ class QueryAR(nn.Module):
         """The learnable query grid, upstream's ``max_metaquery`` (init N(0, 1/sqrt(D)))."""
         self.query_grid = nn.Parameter(torch.randn(1, hidden_size, max_grid, max_grid) * hidden_size**-0.5)
 
-    def check_grid(self, grid: tuple[int, int]) -> None:
+    def check_grid(self, grid: tuple[int, int], generation: dict[str, GenerationConfig] | None = None) -> None:
         """Training lays out groups of ``m`` queries for every size in ``train_group_sizes``: each must divide the
-        latent grid's token count. Checked when training starts, before the first step."""
+        latent grid's token count; a ``tokens_per_step`` schedule of ``generation`` (settings by their key) must add
+        up to it. Checked when training starts, before the first step, not at the first sample or the end."""
         n = grid[0] * grid[1]
+        for key, config in (generation or {}).items():
+            try:
+                step_sizes(n, config.tokens_per_step, config.step_split)
+            except ValueError as exc:
+                raise ValueError(f"{key}: {exc} (the {grid[0]}x{grid[1]} latent grid)") from None
         bad = [m for m in self.options.train_group_sizes if n % m]
         if bad:
             fits = [m for m in range(1, n + 1) if n % m == 0]

@@ -386,3 +386,12 @@ def test_set_reads_1e_minus_6_as_a_number_inside_a_model_config():
     preset = load_presets().preset(TINY, overrides)
     ae = build_autoencoder(preset)  # a string here broke the build: rms_norm_eps expected float
     assert ae is not None
+
+
+def test_a_tokens_per_step_schedule_that_misses_the_grid_fails_before_training(models, tmp_path):
+    from vgt_core.training.autoregressive import train_generator
+
+    preset = tiny_preset(**{"generation.tokens_per_step": [4, 4]})
+    with pytest.raises(ValueError, match=r"generation.tokens_per_step: tokens_per_step schedule \[4, 4\] must .* add up to 16"):
+        train_generator(preset, models / "ae", tmp_path / "run", data=models / "cache", steps=2, progress=False)
+    assert not (tmp_path / "run" / "checkpoints").exists()

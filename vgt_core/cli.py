@@ -181,7 +181,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     }
     from vgt_core.config import GenerationConfig, validate_model
 
-    validate_model(GenerationConfig, {**pipe.defaults.model_dump(), **settings}, "generate")  # names the flag's key
+    validate_model(GenerationConfig, {**pipe.defaults.model_dump(), **settings}, "generation settings")  # names the flag's key
     images = pipe(args.prompt, progress=not args.quiet, **settings)
     out = Path(args.out)
     if out.suffix.lower() == ".png":  # one prompt: that file; several: x-0.png, x-1.png, ... beside it

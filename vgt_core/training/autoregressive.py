@@ -68,7 +68,8 @@ def train_generator(
     gen = build_generator(preset, ae)
     check_grid = getattr(gen.sampler, "check_grid", None)  # e.g. QueryAR's train_group_sizes must divide the tokens
     if check_grid is not None:
-        check_grid(tuple(ae.grid))
+        sample = preset.generation.model_copy(update=cfg.sample_generation)
+        check_grid(tuple(ae.grid), {"generation.tokens_per_step": preset.generation, "train_ar.sample_generation": sample})
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(gen.backbone)
 
