@@ -31,7 +31,7 @@ from torch import nn
 from vgt_core import hookimpl
 from vgt_core.config import GenerationConfig
 from vgt_core.generator import PromptBatch, VGTGenerator, center_crop, decoding_orders, guidance_at, position_ids_from
-from vgt_core.randomness import Draws, GlobalDraws
+from vgt_core.randomness import Draws, GlobalDraws, SampleDraws
 from vgt_core.registry import Options
 
 
@@ -153,7 +153,7 @@ class QueryAR(nn.Module):
     # -- generation ---------------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def generate(self, generator: VGTGenerator, prompts: PromptBatch, grid, config: GenerationConfig, rng: torch.Generator):
+    def generate(self, generator: VGTGenerator, prompts: PromptBatch, grid, config: GenerationConfig, rng: torch.Generator | SampleDraws):
         rows, n, device = prompts.embeds.shape[0], grid[0] * grid[1], prompts.embeds.device
         order, order_rows = decoding_orders(prompts, grid, config.order, rng)
         b = order.shape[0]
