@@ -18,7 +18,7 @@ from torch import nn
 from vgt_core import hookimpl
 from vgt_core.config import GenerationConfig
 from vgt_core.generator import PromptBatch, VGTGenerator, decoding_orders, guidance_at, position_ids_from
-from vgt_core.randomness import Draws, GlobalDraws
+from vgt_core.randomness import Draws, GlobalDraws, SampleDraws
 from vgt_core.registry import Options
 
 
@@ -93,7 +93,7 @@ class MAR(nn.Module):
         return hidden[:, prompts.embeds.shape[1] :], torch.arange(n, device=tokens.device).expand(b, n), masked.float()
 
     @torch.no_grad()
-    def generate(self, generator: VGTGenerator, prompts: PromptBatch, grid, config: GenerationConfig, rng: torch.Generator):
+    def generate(self, generator: VGTGenerator, prompts: PromptBatch, grid, config: GenerationConfig, rng: torch.Generator | SampleDraws):
         rows, n, device = prompts.embeds.shape[0], grid[0] * grid[1], prompts.embeds.device
         per_step = config.tokens_per_step if isinstance(config.tokens_per_step, int) else max(config.tokens_per_step)
         num_iter = config.num_iter or math.ceil(n / per_step)

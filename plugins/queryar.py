@@ -22,7 +22,7 @@ the latent of grid position i both ``len(prompt) + i``, so attention sees where 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from pydantic import Field
@@ -31,13 +31,13 @@ from torch import nn
 from vgt_core import hookimpl
 from vgt_core.config import GenerationConfig
 from vgt_core.generator import PromptBatch, VGTGenerator, center_crop, decoding_orders, guidance_at, position_ids_from
-from vgt_core.randomness import Draws, GlobalDraws
+from vgt_core.randomness import Draws, GlobalDraws, SampleDraws
 from vgt_core.registry import Options
 
 
 class QueryAROptions(Options):
-    train_group_sizes: list[int] = Field(
-        [1], description="query group sizes shown in training, one drawn per sample ([1] = upstream)"
+    train_group_sizes: list[Annotated[int, Field(ge=1)]] = Field(
+        [1], min_length=1, description="query group sizes shown in training, one drawn per sample ([1] = upstream); each must divide the latent tokens"
     )
     train_order: Literal["random", "raster"] = Field("random", description="order of positions in training")
     position_ids: Literal["sequence", "grid"] = Field(
@@ -75,6 +75,25 @@ class QueryAR(nn.Module):
     def setup(self, hidden_size: int, max_grid: int) -> None:
         """The learnable query grid, upstream's ``max_metaquery`` (init N(0, 1/sqrt(D)))."""
         self.query_grid = nn.Parameter(torch.randn(1, hidden_size, max_grid, max_grid) * hidden_size**-0.5)
+
+    def check_grid(self, grid: tuple[int, int], generation: dict[str, GenerationConfig] | None = None) -> None:
+        """Training lays out groups of ``m`` queries for every size in ``train_group_sizes``: each must divide the
+        latent grid's token count; a ``tokens_per_step`` schedule of ``generation`` (settings by their key) must add
+        up to it. Checked when training starts, before the first step, not at the first sample or the end."""
+        n = grid[0] * grid[1]
+        for key, config in (generation or {}).items():
+            try:
+                step_sizes(n, config.tokens_per_step, config.step_split)
+            except ValueError as exc:
+                raise ValueError(f"{key}: {exc} (the {grid[0]}x{grid[1]} latent grid)") from None
+        bad = [m for m in self.options.train_group_sizes if n % m]
+        if bad:
+            fits = [m for m in range(1, n + 1) if n % m == 0]
+            raise ValueError(
+                f"sampler.options.train_group_sizes {self.options.train_group_sizes}: {bad} do not divide the "
+                f"{n} tokens of the {grid[0]}x{grid[1]} latent grid; choose among {fits} "
+                f"(--set sampler.options.train_group_sizes=[...])"
+            )
 
     def queries(self, generator: VGTGenerator, grid: tuple[int, int]) -> torch.Tensor:
         return center_crop(self.query_grid, grid) + generator.positions(grid)  # (N, D)
@@ -134,7 +153,7 @@ class QueryAR(nn.Module):
     # -- generation ---------------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def generate(self, generator: VGTGenerator, prompts: PromptBatch, grid, config: GenerationConfig, rng: torch.Generator):
+    def generate(self, generator: VGTGenerator, prompts: PromptBatch, grid, config: GenerationConfig, rng: torch.Generator | SampleDraws):
         rows, n, device = prompts.embeds.shape[0], grid[0] * grid[1], prompts.embeds.device
         order, order_rows = decoding_orders(prompts, grid, config.order, rng)
         b = order.shape[0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -29,12 +30,17 @@ def command(name: str) -> Callable:
 
 
 def _overrides(pairs: list[str] | None) -> dict[str, Any]:
+    from vgt_core.config import parse_override_value
+
     out = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep:
             raise VGTError(f"--set expects KEY=VALUE (dotted key), got {pair!r}")
-        out[key] = yaml.safe_load(value)
+        try:
+            out[key] = parse_override_value(value)  # YAML, and 1e-6 is a number (YAML 1.1 reads it as text)
+        except yaml.YAMLError as exc:
+            raise VGTError(f"--set {key}: the value is not valid YAML: {exc}") from None
     return out
 
 
@@ -138,7 +144,7 @@ def cmd_cache_latents(args: argparse.Namespace) -> None:
     ae = VGTAutoencoder.from_pretrained(model_folder(args.autoencoder), map_location=state.device)
     manifest = cache_latents(
         ae, open_dataset(args.data, ae.image_size), args.out, batch_size=args.batch_size, shard_size=args.shard_size,
-        num_workers=args.num_workers, dtype=args.dtype, progress=not args.quiet,
+        num_workers=args.num_workers, dtype=args.dtype, progress=not args.quiet, source=model_folder(args.autoencoder),
     )  # fmt: skip
     if state.is_main_process:
         print(
@@ -164,7 +170,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from vgt_core.serialization import atomic_folder, check_output
 
     out = Path(args.out)
-    one_file = len(args.prompt) == 1 and out.suffix.lower() == ".png"
+    one_file = out.suffix.lower() == ".png"
     if not one_file:
         check_output(out, IMAGES_KIND, "replace")  # before the model loads; checked again when written
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -183,11 +189,15 @@ def cmd_generate(args: argparse.Namespace) -> None:
         }.items()
         if value is not None
     }
+    from vgt_core.config import GenerationConfig, validate_model
+
+    validate_model(GenerationConfig, {**pipe.defaults.model_dump(), **settings}, "generation settings")  # names the flag's key
     images = pipe(args.prompt, progress=not args.quiet, **settings)
-    if one_file:
+    if one_file:  # one prompt: that file; several: x-0.png, x-1.png, ... beside it
         out.parent.mkdir(parents=True, exist_ok=True)
-        images[0].save(out)
-        paths = [out]
+        paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(len(images))]
+        for image, path in zip(images, paths):
+            image.save(path)
     else:
         names = [f"{i:04d}.png" for i in range(len(images))]
         with atomic_folder(out, kind=IMAGES_KIND) as tmp:
@@ -238,13 +248,26 @@ def _at_least(low: int) -> Callable[[str], int]:
     return parse
 
 
+def _seed(text: str) -> int:
+    """An argparse type: a seed that torch's generators take, 0 <= seed < 2**64."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**64), got {text!r}") from None
+    if not 0 <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**64), got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vgt", description="Visual Generation Tuning: a VLM that generates images")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (also: VGT_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add(name: str, help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
         p.add_argument("--quiet", action="store_true", help="no progress bars")
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error")
         return p
 
     def preset_args(p: argparse.ArgumentParser) -> None:
@@ -266,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="image folder, JSONL of {image, caption}, or tar shards (default: the preset's dataset)")
     p.add_argument("--stage", type=int, choices=[1, 2], default=1)
     p.add_argument("--out", required=True, help=RUN_OUT_HELP)
-    p.add_argument("--steps", type=int)
+    p.add_argument("--steps", type=_at_least(1), help="train this many steps instead of the preset's")
     p.add_argument("--init", help="stage 2: the stage-1 run folder")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
 
@@ -296,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--autoencoder", required=True, help="a VGT-AE folder (or train-ae run folder)")
     p.add_argument("--data", help="images with captions, or a latent cache (default: the preset's dataset)")
     p.add_argument("--out", required=True, help=RUN_OUT_HELP)
-    p.add_argument("--steps", type=int)
+    p.add_argument("--steps", type=_at_least(1), help="train this many steps instead of the preset's")
     p.add_argument("--resume", action="store_true")
 
     p = add("generate", "generate images from prompts with a trained model")
@@ -304,8 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", required=True, help="repeatable")
     p.add_argument(
         "--out", required=True,
-        help="a .png for one prompt (overwritten if it exists), else a folder: new, empty, or an earlier `vgt generate` "
-        "folder holding only its images, which is replaced; any other folder is refused",
+        help="a .png (several prompts: NAME-0.png, NAME-1.png, ...; existing files are overwritten), else a folder "
+        "(0000.png, ...): new, empty, or an earlier `vgt generate` folder holding only its images, which is replaced; "
+        "any other folder is refused",
     )
     p.add_argument("--tokens-per-step", type=int, help="position queries per LM pass (1, 4, 16, ...)")
     p.add_argument("--guidance-scale", type=float)
@@ -314,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--solver", choices=["euler", "sde"])
     p.add_argument("--temperature", type=float)
     p.add_argument("--order", choices=["random", "raster"])
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=_seed, help="image i uses seed + i, alone or in a batch (0 <= seed < 2**64)")
 
     p = add("convert-upstream", "convert released upstream VGT checkpoints (hustvl/VGT .pth) into a vgt folder")
     preset_args(p)
@@ -343,15 +367,59 @@ def _silence_library_progress_bars() -> None:
     diffusers_logging.disable_progress_bar()
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """What bad input raises: vgt's own errors, bad values (pydantic, JSON, data checks), files (missing, existing,
+    unreadable) and damaged safetensors. Anything else is a bug and keeps its traceback."""
+    from safetensors import SafetensorError
+
+    return (VGTError, ValueError, OSError, SafetensorError)
+
+
+def _debug(argv: list[str] | None) -> bool:
+    return "--debug" in (sys.argv[1:] if argv is None else argv) or os.environ.get("VGT_DEBUG", "") not in ("", "0")
+
+
+def _command_name(argv: list[str] | None) -> str:
+    """The sub-command named on the command line, for errors raised before parsing finished (plugin loading)."""
+    names = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")]
+    return names[0] if names else ""
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command. Bad input ends as ``vgt CMD: error: MESSAGE`` and exit status 2, without a traceback
+    unless ``--debug`` or ``VGT_DEBUG=1``."""
+    debug = _debug(argv)
+    name = _command_name(argv)
+    try:
+        parser = build_parser()  # loads plugins (VGT_LOAD_PLUGINS may name one that does not exist)
+    except _user_errors() as exc:
+        if debug:
+            raise
+        print(f"vgt {name}: error: {_one_line(exc)}".replace("vgt : ", "vgt: "), file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     if getattr(args, "quiet", False):
         _silence_library_progress_bars()
     try:
         return COMMANDS[args.command](args) or 0
-    except (VGTError, FileNotFoundError) as exc:
-        print(f"vgt {args.command}: error: {exc}", file=sys.stderr)
+    except _user_errors() as exc:
+        if debug or args.debug:
+            raise
+        print(f"vgt {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+
+
+def _one_line(exc: BaseException) -> str:
+    """The message of ``exc``; a pydantic error as vgt's ``key: what is wrong`` lines, joined into one line."""
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError):
+        from vgt_core.config import format_validation_error
+
+        text = format_validation_error(exc, None, exc.title)
+    else:
+        text = str(exc) or type(exc).__name__
+    return "; ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
 if __name__ == "__main__":

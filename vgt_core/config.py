@@ -137,10 +137,15 @@ class AEStage(Strict):
         return self.gan_start
 
 
+# Where stage 2's recipe differs from AEStage's (stage-1) defaults: latent normalisation + noise, weaker
+# distillation, lower LR, earlier GAN. A written ``stage2:`` block starts from these, not from stage 1's.
+STAGE2_DEFAULTS: dict[str, Any] = {
+    "lr": 1e-4, "end_lr": 1e-5, "latent_norm": "layernorm", "noise_sigma": 0.1, "distill_weight": 0.1, "gan_start": 0.1,
+}
+
+
 def _stage2_defaults() -> AEStage:
-    return AEStage(
-        lr=1e-4, end_lr=1e-5, latent_norm="layernorm", noise_sigma=0.1, distill_weight=0.1, gan_start=0.1
-    )
+    return AEStage(**STAGE2_DEFAULTS)
 
 
 class AETraining(Strict):
@@ -148,6 +153,15 @@ class AETraining(Strict):
     stage2: AEStage | None = Field(
         default_factory=_stage2_defaults, description="null: no stage 2, the stage-1 model is final (Table 5's 'stage 1 only')"
     )
+
+    @field_validator("stage2", mode="before")
+    @classmethod
+    def _stage2_recipe(cls, value: Any) -> Any:
+        """A ``stage2`` mapping (YAML block, ``--set train_ae.stage2.x=...``) overrides the stage-2 recipe, so that
+        fields it does not name keep stage 2's values rather than AEStage's stage-1 defaults."""
+        if isinstance(value, dict):
+            return {**STAGE2_DEFAULTS, **value}
+        return value
 
 
 class ARTraining(Strict):
@@ -260,8 +274,10 @@ class GenerationConfig(Strict):
         description="QueryAR: fixed = m tokens a step, the last step takes the rest ([3,3,3,3,3,1] for 16 at m=3); "
         "balanced = N // m steps, the remainder spread over the first ([4,3,3,3,3], upstream's)",
     )
-    num_iter: int | None = Field(None, description="MAR: AR steps (default: tokens / tokens_per_step)")
-    seed: int | None = None
+    num_iter: int | None = Field(None, ge=1, description="MAR: AR steps (default: tokens / tokens_per_step)")
+    seed: int | None = Field(
+        None, ge=0, lt=2**64, description="image i of a call uses seed + i: the same image alone or in any batch"
+    )
     use_cache: bool = True
 
 
@@ -375,9 +391,42 @@ def validate_model(model: type[BaseModel], data: Any, where: str, prefix: str = 
         raise ConfigError(format_validation_error(exc, model, where, prefix)) from None
 
 
+def load_json_model(model: type[BaseModel], path: str | os.PathLike) -> Any:
+    """A JSON file validated by ``model``; damaged JSON or a bad value is a ``ConfigError`` naming the file and key."""
+    import json
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read it as JSON: {exc}") from None
+    return validate_model(model, data, str(path))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Dotted overrides (matrices, CLI --set)
 # ---------------------------------------------------------------------------------------------------------------
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's floats: ``1e-6`` is a number (YAML 1.1 wants ``1.0e-6`` and reads
+    ``1e-6`` as text, which then broke builds that pass it on untyped, e.g. a model ``config:``)."""
+
+
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d[\d_]*\.?\d*|\.\d+)[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(text: str) -> Any:
+    """YAML as the safe loader reads it, with exponent-only floats (``1e-6``, ``3E4``) read as numbers."""
+    return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 -- a SafeLoader subclass
+
+
+def parse_override_value(text: str) -> Any:
+    """The value of a ``KEY=VALUE`` override: YAML (numbers, lists, mappings, null), ``1e-6`` a number too."""
+    return load_yaml(text)
 
 
 def unshared_copy(node: Any) -> Any:
@@ -419,7 +468,7 @@ class PresetBook:
     def add_file(self, path: str | os.PathLike) -> None:
         path = Path(path)
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = load_yaml(path.read_text()) or {}
         except (OSError, yaml.YAMLError) as exc:
             raise ConfigError(f"{path}: cannot read: {exc}") from None
         parsed = validate_model(RegistryFile, raw, str(path))

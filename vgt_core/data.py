@@ -13,6 +13,7 @@ import json
 import os
 import re
 import tarfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, NamedTuple
@@ -35,7 +36,17 @@ def _is_image(name: str) -> bool:
 # -- transform -------------------------------------------------------------------------------------------------
 
 
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
 def _to_rgb(image: Image.Image) -> Image.Image:
+    # 16-bit grey (PNG opens as I;16, or I in older Pillow): convert("RGB") clips values above 255 to white;
+    # scale by the bit depth instead (65535 -> 255). PIL already reduces 16-bit RGB(A) PNGs to 8 bits per channel.
+    if image.mode in _SIXTEEN_BIT or image.mode == "I":
+        values = np.asarray(image).astype(np.float64)
+        if image.mode in _SIXTEEN_BIT or image.format == "PNG" or values.max(initial=0) > 255:
+            values = values / 257.0  # 0..65535 -> 0..255
+        return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L").convert("RGB")
     # Transparent pixels often hold arbitrary colours; compose them on white rather than expose them.
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
@@ -149,26 +160,51 @@ def expand_braces(pattern: str) -> list[str]:
 
 class TarShardDataset(Dataset):
     """Webdataset-style uncompressed tar shards (``key.jpg`` + ``key.txt`` or ``key.json``). Member offsets are
-    indexed once; items are read back by seek, so access is random. Each process opens its own file handles."""
+    indexed once; items are read back by seek, so access is random. Each process opens its own file handles.
+
+    A truncated shard (a copy or download cut short) keeps the samples before the cut: the damaged ones are not
+    indexed, counted in ``damaged`` and named in a warning. A file that is not a tar at all is an error."""
 
     def __init__(self, shards: list[str | os.PathLike]):
         self.shards = [str(s) for s in shards]
         # (shard, image offset, image size, caption member as (offset, size, is_json) or None)
         self.samples: list[tuple[int, int, int, tuple[int, int, bool] | None]] = []
+        self.damaged = 0  # samples lost to truncated shards
         for number, shard in enumerate(self.shards):
             groups: dict[str, list[tarfile.TarInfo]] = {}
             try:
-                with tarfile.open(shard, "r:") as tar:
+                tar = tarfile.open(shard, "r:")
+            except tarfile.TarError as error:
+                raise ValueError(f"{shard}: not a readable uncompressed tar shard ({error})") from None
+            truncated = False
+            with tar:
+                try:
                     for member in tar:
                         if member.isfile():
                             folder, base = os.path.split(member.name)
                             groups.setdefault(os.path.join(folder, base.split(".", 1)[0]), []).append(member)
-            except tarfile.TarError as error:
-                raise ValueError(f"{shard}: not a readable uncompressed tar shard ({error})") from None
+                except tarfile.TarError:  # the file ends inside a member: keep what came before
+                    truncated = True
+                last = tar.offset  # where the next header would start
+            end = os.path.getsize(shard)
+            lost = 0
+            with open(shard, "rb") as file:  # a tar ends with zero blocks; anything else there is a cut-off header
+                file.seek(last)
+                tail = file.read(1 << 16)
+            if tail.strip(b"\0") or (not tail and groups):
+                truncated = True
+                lost += 1 if tail.strip(b"\0") else 0  # at most the one sample whose header was cut
             for members in groups.values():
-                image = next((m for m in members if _is_image(m.name)), None)
+                whole = [m for m in members if m.offset_data + m.size <= end]
+                truncated |= len(whole) < len(members)
+                image = next((m for m in whole if _is_image(m.name)), None)
                 if image is not None:
-                    self.samples.append((number, image.offset_data, image.size, self._caption_member(members)))
+                    self.samples.append((number, image.offset_data, image.size, self._caption_member(whole)))
+                elif any(_is_image(m.name) for m in members):
+                    lost += 1
+            if truncated:
+                self.damaged += lost
+                warnings.warn(f"{shard}: truncated tar shard; {lost} damaged sample(s) skipped, the rest are read", stacklevel=2)
         self._files: dict[int, Any] = {}
         self._pid = os.getpid()
 
@@ -314,6 +350,24 @@ def open_dataset(
     else:
         raw = source
     return TransformedDataset(raw, image_size, random_flip=random_flip, crop=crop)
+
+
+def check_trainable(dataset: Dataset | ShardSource, batch_size: int, key: str) -> None:
+    """Refuse, before any training, a data set with fewer items than one global batch (``key``: the setting to
+    lower) or without a single readable image (a run would otherwise pass over every step and train nothing).
+    Items are decoded until the first readable one. A stream (``ShardSource``) is not indexed and not checked."""
+    if isinstance(dataset, ShardSource):
+        return
+    if len(dataset) < batch_size:
+        raise ValueError(
+            f"the data set has {len(dataset)} items, fewer than one batch of {batch_size}: lower the batch, e.g. "
+            f"--set {key}={max(1, len(dataset))}, or add data"
+        )
+    for index in range(len(dataset)):
+        item = dataset[index]
+        if item is not None and (not isinstance(item, dict) or item.get("image", True) is not None):
+            return
+    raise ValueError(f"none of the data set's {len(dataset)} images is readable (every one failed to decode): nothing to train on")
 
 
 # -- batching and order ----------------------------------------------------------------------------------------

@@ -179,13 +179,15 @@ def solve_flow(
     solver: str = "euler",
     time_shift: float = 1.0,
     temperature: float = 1.0,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Draws | None = None,
+    owner: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Integrate from noise (t=0) to data (t=1) with ``steps`` velocity evaluations.
 
     ``euler``: the deterministic ODE. ``sde``: the Euler-Maruyama sampler of the released upstream code
     (drift v + (1-t) * score, diffusion sqrt(2(1-t)); the last 0.04 of time is one deterministic step).
-    ``noise`` is standard normal; ``temperature`` scales it and the SDE's injected noise.
+    ``noise`` is standard normal; ``temperature`` scales it and the SDE's injected noise, drawn from
+    ``generator``: one torch generator, or per-sample ``Draws`` where row ``r`` belongs to sample ``owner[r]``.
     """
     x = noise * temperature
     if solver == "euler":
@@ -201,7 +203,10 @@ def solve_flow(
         v = velocity(x, t0.expand(x.shape[0]))
         score = (t0 * v - x) / (1 - t0)
         dt = t1 - t0
-        eps = torch.randn(x.shape, generator=generator, device="cpu").to(x)
+        if isinstance(generator, Draws):
+            eps = generator.randn(owner if owner is not None else generator.per_sample(x.shape[0]), *x.shape[1:]).to(x)
+        else:
+            eps = torch.randn(x.shape, generator=generator, device="cpu").to(x)
         x = x + (v + (1 - t0) * score) * dt + torch.sqrt(2 * (1 - t0) * dt) * eps * temperature
     t_end = ts[-1]
     return x + (1 - t_end) * velocity(x, t_end.expand(x.shape[0]))

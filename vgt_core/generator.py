@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from vgt_core.config import GenerationConfig, GeneratorOptions, LatentNorm
-from vgt_core.randomness import Draws, GlobalDraws
+from vgt_core.randomness import Draws, GlobalDraws, SampleDraws, sample_generator
 from vgt_core.flow import FlowHead, dimension_adaptive_shift, flow_matching_loss, guided, solve_flow
 from vgt_core.serialization import WEIGHTS_NAME, atomic_folder, load_weights, read_model_config, write_model_folder
 
@@ -47,13 +47,27 @@ def center_crop(grid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return grid[0, :, top : top + h, left : left + w].flatten(1).transpose(0, 1)
 
 
-def decoding_orders(prompts: PromptBatch, grid: tuple[int, int], order: str, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def image_draws(seed: int, first: int, count: int) -> SampleDraws:
+    """One generator per image for images ``first .. first + count - 1`` of a call: image ``i`` draws its order
+    and all its noise from a generator seeded from ``seed + i`` alone, so its result does not depend on the batch it
+    is generated in, and image ``i`` of a call with seed ``s`` is the image of that prompt alone with seed ``s + i``."""
+    return SampleDraws([sample_generator(seed + first + i, "generate", 0, 0) for i in range(count)])
+
+
+def decoding_orders(
+    prompts: PromptBatch, grid: tuple[int, int], order: str, rng: torch.Generator | SampleDraws
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The order in which each image's positions are generated, ``(B, N)``: a seeded random permutation per image
-    or raster; and the same per prompt row ``(R, N)``, so both CFG branches of an image follow its order."""
+    (from each image's own generator when ``rng`` is ``SampleDraws``) or raster; and the same per prompt row
+    ``(R, N)``, so both CFG branches of an image follow its order."""
     rows = prompts.embeds.shape[0]
     images, total = (rows // 2 if prompts.guided else rows), grid[0] * grid[1]
     if order == "raster":
         orders = torch.arange(total).expand(images, total).clone()
+    elif isinstance(rng, SampleDraws):
+        if len(rng) != images:
+            raise ValueError(f"{len(rng)} image generators for {images} images")
+        orders = torch.stack([torch.randperm(total, generator=g) for g in rng.generators])
     else:
         orders = torch.stack([torch.randperm(total, generator=rng) for _ in range(images)])
     orders = orders.to(prompts.embeds.device)
@@ -167,16 +181,37 @@ class VGTGenerator(nn.Module):
             return torch.nn.functional.layer_norm(tokens, (self.latent_channels,), eps=1e-6)
         return tokens
 
-    def embed_prompts(self, captions: list[str], uncond: torch.Tensor | None = None, guided: bool = False) -> PromptBatch:
+    def prompt_limit(self, image_tokens: int) -> int | None:
+        """Most prompt tokens a sequence may hold: ``max_prompt_tokens``, and no more than the language model's
+        positions leave after the image (``2 * image_tokens`` slots at most, QueryAR's [Q, z] pairs, and the
+        image-start token), so that a long prompt is cut -- with the backbone's warning, which names the
+        limit -- and never runs the LM past the positions it was trained on."""
+        limit = self.options.max_prompt_tokens
+        config = getattr(getattr(self.backbone, "lm", self.backbone), "config", None)
+        positions = getattr(config, "max_position_embeddings", None)
+        if isinstance(positions, int) and image_tokens:
+            room = positions - 2 * image_tokens - 1
+            if room < 1:
+                raise ValueError(
+                    f"a latent grid of {image_tokens} tokens needs {2 * image_tokens + 2} positions, and the language "
+                    f"model has {positions} (max_position_embeddings)"
+                )
+            limit = room if limit is None else min(limit, room)
+        return limit
+
+    def embed_prompts(
+        self, captions: list[str], uncond: torch.Tensor | None = None, guided: bool = False, image_tokens: int = 0
+    ) -> PromptBatch:
         """Captions through the prompt template; rows flagged in ``uncond`` (training dropout) get the
-        unconditioned prompt; ``guided`` appends an unconditioned row per caption for CFG."""
+        unconditioned prompt; ``guided`` appends an unconditioned row per caption for CFG. Prompts longer than
+        ``prompt_limit(image_tokens)`` are cut, with a warning."""
         texts = [
             self.options.uncond_prompt if uncond is not None and bool(uncond[i]) else self.options.prompt_template.format(caption=c)
             for i, c in enumerate(captions)
         ]
         if guided:
             texts += [self.options.uncond_prompt] * len(captions)
-        embeds, mask = self.backbone.embed_prompts(texts, max_tokens=self.options.max_prompt_tokens)
+        embeds, mask = self.backbone.embed_prompts(texts, max_tokens=self.prompt_limit(image_tokens))
         return PromptBatch(embeds, mask, guided)
 
     def sample_tokens(
@@ -185,17 +220,22 @@ class VGTGenerator(nn.Module):
         prompts: PromptBatch,
         config: GenerationConfig,
         scale: float,
-        generator: torch.Generator,
+        generator: torch.Generator | SampleDraws,
     ) -> torch.Tensor:
         """Solve the flow head for every token whose LM state is in ``hidden`` ``(R, m, D)``; with CFG the
-        rows are [cond, uncond] and the result has R/2 rows. Returns renormalised latents ``(B, m, C)``."""
+        rows are [cond, uncond] and the result has R/2 rows. Returns renormalised latents ``(B, m, C)``.
+        With ``SampleDraws`` (one generator per image) each image's noise comes from its own generator."""
         cond = self.latent_out(hidden)
         rows, m, d = cond.shape
         if prompts.guided:
             c, u = cond[: rows // 2].reshape(-1, d), cond[rows // 2 :].reshape(-1, d)
         else:
             c, u = cond.reshape(-1, d), None
-        noise = torch.randn((c.shape[0], self.latent_channels), generator=generator).to(c)
+        owner = torch.arange(c.shape[0] // m).repeat_interleave(m)  # image of each row (rows are image-major)
+        if isinstance(generator, SampleDraws):
+            noise = generator.randn(owner, self.latent_channels).to(c)
+        else:
+            noise = torch.randn((c.shape[0], self.latent_channels), generator=generator).to(c)
         x = solve_flow(
             guided(self.head, c, u, scale),
             noise,
@@ -204,6 +244,7 @@ class VGTGenerator(nn.Module):
             time_shift=config.time_shift,
             temperature=config.temperature,
             generator=generator,
+            owner=owner,
         )
         return self.renormalize(x.reshape(-1, m, self.latent_channels))
 
@@ -229,7 +270,7 @@ class VGTGenerator(nn.Module):
         draws = draws if draws is not None else GlobalDraws()
         grid = tuple(latents.shape[-2:])
         tokens = latents.flatten(2).transpose(1, 2)  # (B, N, C), raster order
-        prompts = self.embed_prompts(captions, uncond)
+        prompts = self.embed_prompts(captions, uncond, image_tokens=tokens.shape[1])
         hidden, index, weight = self.sampler.training_targets(self, tokens, grid, prompts, draws=draws)
         targets = _gather_tokens(tokens, index)
         repa_target = None
@@ -253,15 +294,17 @@ class VGTGenerator(nn.Module):
         captions: list[str],
         grid: tuple[int, int],
         config: GenerationConfig | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | SampleDraws | None = None,
     ) -> torch.Tensor:
-        """Latents ``(B, C, h, w)`` for ``captions``; the same ``config.seed`` gives the same latents."""
+        """Latents ``(B, C, h, w)`` for ``captions``. By default caption ``i`` draws from its own generator seeded
+        from ``config.seed + i`` (``image_draws``): the same seed gives the same latents for a caption whatever
+        else is in the batch. A single ``torch.Generator`` shared by the batch is still accepted."""
         config = config or GenerationConfig()
         if generator is None:
             seed = config.seed if config.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
-            generator = torch.Generator().manual_seed(seed)
+            generator = image_draws(seed, 0, len(captions))
         use_cfg = config.guidance_scale != 1.0
-        prompts = self.embed_prompts(captions, guided=use_cfg)
+        prompts = self.embed_prompts(captions, guided=use_cfg, image_tokens=grid[0] * grid[1])
         tokens = self.sampler.generate(self, prompts, grid, config, generator)
         return tokens.transpose(1, 2).reshape(len(captions), self.latent_channels, *grid)
 

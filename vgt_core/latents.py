@@ -10,8 +10,10 @@ indices ``i % world == r``. Older single-process caches (``shard-NNNNN``) read t
 from __future__ import annotations
 
 import bisect
+import hashlib
 import json
 import os
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -42,6 +44,42 @@ def process_state() -> Any:
     return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
 
 
+def autoencoder_identity(folder: str | os.PathLike) -> str:
+    """The sha256 of a VGT-AE folder's ``config.json`` and ``model.safetensors``: which autoencoder made a cache.
+    Both files are location-independent (component paths are relative), so a copied folder keeps its identity."""
+    from vgt_core.serialization import CONFIG_NAME, WEIGHTS_NAME
+
+    digest = hashlib.sha256()
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        digest.update(name.encode() + b"\0")
+        with open(Path(folder) / name, "rb") as file:
+            for block in iter(lambda: file.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def check_cache_source(manifest: dict, autoencoder_folder: str | os.PathLike, cache: Any) -> None:
+    """Latents of another autoencoder are another code: training on them would learn a latent space that the
+    pipeline's VGT-AE does not decode. Refuse a cache whose recorded autoencoder differs; warn when a cache made
+    before vgt recorded it cannot be checked."""
+    recorded = manifest.get("autoencoder_sha256")
+    if recorded is None:
+        warnings.warn(
+            f"{cache}: this latent cache does not record which autoencoder made it (an older vgt wrote it), so it "
+            f"cannot be checked against {autoencoder_folder}; re-run `vgt cache-latents` to be sure",
+            stacklevel=2,
+        )
+        return
+    actual = autoencoder_identity(autoencoder_folder)
+    if recorded != actual:
+        made_by = manifest.get("autoencoder") or "another autoencoder"
+        raise ValueError(
+            f"{cache}: the latents were made by {made_by} (sha256 {recorded[:12]}), not by --autoencoder "
+            f"{autoencoder_folder} (sha256 {actual[:12]}): re-run `vgt cache-latents --autoencoder {autoencoder_folder}`, "
+            "or pass the autoencoder that made the cache"
+        )
+
+
 def _check_positive(name: str, value: Any, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"cache_latents: {name} must be an integer >= {low}, got {value!r}")
@@ -58,6 +96,7 @@ def cache_latents(
     num_workers: int = 0,
     dtype: str = "float32",
     progress: bool = True,
+    source: str | os.PathLike | None = None,
 ) -> dict:
     """Encode every image of ``dataset`` (eval mode: normalised, no noise) into a latent cache folder.
 
@@ -65,9 +104,10 @@ def cache_latents(
     device and writes its own shards into one temporary folder; once all are done rank 0 writes the manifest and
     renames the folder into place, so ``out_dir`` appears complete or not at all. Every rank returns the manifest.
     ``dtype`` is how latents are stored (``float32`` or ``bfloat16``, half the size); encoding runs in the
-    autoencoder's own precision. ``out_dir`` must be new, empty, or an earlier latent cache holding only its own
-    files, which is then replaced as a whole once the new one is complete; any other folder is refused before
-    anything is encoded."""
+    autoencoder's own precision. ``source``: the autoencoder's folder, recorded (its path and
+    ``autoencoder_identity``) so that ``train-ar`` can refuse the cache with another autoencoder. ``out_dir`` must be new, empty, or an earlier latent cache
+    holding only its own files, which is then replaced as a whole once the new one is complete; any other folder
+    is refused before anything is encoded."""
     from accelerate.utils import broadcast_object_list, gather_object
 
     from vgt_core.data import collate
@@ -79,6 +119,7 @@ def cache_latents(
     _check_positive("num_workers", num_workers, 0)
     state = process_state()
     rank, world, main = state.process_index, state.num_processes, state.is_main_process
+    identity = autoencoder_identity(source) if source is not None and main else None
     autoencoder.eval()
     device = next(autoencoder.parameters()).device
     mine = Subset(dataset, range(rank, len(dataset), world))
@@ -123,6 +164,7 @@ def cache_latents(
             "channels": autoencoder.latent_channels,
             "grid": list(autoencoder.grid),
             "latent_norm": autoencoder.latent_norm.kind,
+            **({"autoencoder": str(source), "autoencoder_sha256": identity} if source is not None else {}),
         }
         if main:
             write_json(tmp / "manifest.json", manifest)

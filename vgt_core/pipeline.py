@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from vgt_core.autoencoder import VGTAutoencoder
 from vgt_core.config import GenerationConfig
-from vgt_core.generator import VGTGenerator
+from vgt_core.generator import VGTGenerator, image_draws
 from vgt_core.serialization import atomic_folder
 
 
@@ -42,7 +42,9 @@ class VGTPipeline:
             folder = folder / "model"
         defaults = None
         if (folder / "generation.json").exists():
-            defaults = GenerationConfig.model_validate_json((folder / "generation.json").read_text())
+            from vgt_core.config import load_json_model
+
+            defaults = load_json_model(GenerationConfig, folder / "generation.json")
         return cls(
             VGTAutoencoder.from_pretrained(folder / "autoencoder", map_location=device),
             VGTGenerator.from_pretrained(folder / "generator", map_location=device),
@@ -74,8 +76,9 @@ class VGTPipeline:
         **settings: Any,
     ) -> list[Image.Image] | torch.Tensor:
         """Generate one image per prompt. ``settings`` are ``GenerationConfig`` fields (tokens_per_step,
-        guidance_scale, guidance_schedule, num_sampling_steps, solver, temperature, order, seed, ...); the
-        same seed and batch size give the same images."""
+        guidance_scale, guidance_schedule, num_sampling_steps, solver, temperature, order, seed, ...). Prompt
+        ``i`` draws from its own generator seeded from ``seed + i``: its image does not depend on ``batch_size``
+        or on the other prompts, and equals that prompt alone with ``seed + i``."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         config = GenerationConfig.model_validate({**self.defaults.model_dump(), **settings})
         seed = config.seed if config.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
@@ -83,8 +86,8 @@ class VGTPipeline:
         images = []
         for start in tqdm(range(0, len(prompts), batch_size), desc="generating", disable=not progress):
             chunk = prompts[start : start + batch_size]
-            rng = torch.Generator().manual_seed(seed + start)
-            latents = self.generator.generate(chunk, grid, config, generator=rng)
+            draws = image_draws(seed, start, len(chunk))  # prompt i: seed + i, whatever the batch
+            latents = self.generator.generate(chunk, grid, config, generator=draws)
             images.append(self.autoencoder.decode(latents.to(next(self.autoencoder.parameters()).dtype)))
         out = torch.cat(images)
         return to_pil(out) if output_type == "pil" else out

@@ -59,9 +59,9 @@ def _load_entry_points(pm: pluggy.PluginManager) -> None:
     available = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
     missing = wanted - set(available)
     if missing:
-        from vgt_core.errors import unknown_name_message
+        from vgt_core.errors import VGTError, unknown_name_message
 
-        raise RuntimeError(
+        raise VGTError(
             "VGT_LOAD_PLUGINS: " + "; ".join(unknown_name_message("plugin", m, available) for m in sorted(missing))
         )
     for name in sorted(wanted):

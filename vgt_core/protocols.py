@@ -98,6 +98,9 @@ class Sampler(Protocol):
         count in the loss. The generator gathers the targets (and any per-position payload, e.g. REPA features)."""
 
     def generate(
-        self, generator: VGTGenerator, prompts: PromptBatch, grid: tuple[int, int], config: GenerationConfig
+        self, generator: VGTGenerator, prompts: PromptBatch, grid: tuple[int, int], config: GenerationConfig, rng: Any
     ) -> torch.Tensor:
-        """Sample latent tokens ``(B, N, C)`` in raster order."""
+        """Sample latent tokens ``(B, N, C)`` in raster order. ``rng`` is a ``SampleDraws`` with one generator per
+        image (or, from older callers, one ``torch.Generator``): draw through ``decoding_orders(..., rng)`` and
+        ``generator.sample_tokens(..., rng)`` (or ``rng.generators[i]`` for image ``i``), never one stream shared by
+        the batch, so that an image does not depend on the batch it is generated in."""

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Iterator, Literal
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from vgt_core.errors import VGTError
@@ -216,7 +217,11 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
 
 
 def read_json(path: str | os.PathLike) -> Any:
-    return json.loads(Path(path).read_text())
+    """A JSON file; a damaged one is a ``VGTError`` naming it (a folder whose writing was cut short)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise VGTError(f"{path}: damaged JSON ({exc})") from None
 
 
 def save_weights(module: torch.nn.Module, path: str | os.PathLike, state: dict[str, torch.Tensor] | None = None) -> None:
@@ -236,11 +241,21 @@ def _untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+class WeightsMismatchError(VGTError, RuntimeError):
+    """A weights file whose tensors (names or shapes) are not the model's."""
+
+
 def load_weights(module: torch.nn.Module, path: str | os.PathLike, strict: bool = True) -> None:
-    state = load_file(str(path))
-    missing, unexpected = module.load_state_dict(state, strict=False)
+    try:
+        state = load_file(str(path))
+    except SafetensorError as exc:
+        raise VGTError(f"{path}: damaged safetensors file ({exc})") from None
+    try:
+        missing, unexpected = module.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shapes that differ: the folder's config does not describe these weights
+        raise WeightsMismatchError(f"{path}: weights do not match the model: {exc}") from None
     if strict and (missing or unexpected):
-        raise RuntimeError(
+        raise WeightsMismatchError(
             f"{path}: weights do not match the model: missing {sorted(missing)[:8]}, unexpected {sorted(unexpected)[:8]}"
         )
 

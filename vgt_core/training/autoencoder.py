@@ -20,7 +20,7 @@ from torchvision.utils import save_image
 from vgt_core.autoencoder import VGTAutoencoder
 from vgt_core.compose import build_autoencoder
 from vgt_core.config import AEStage, Preset
-from vgt_core.data import open_dataset
+from vgt_core.data import check_trainable, open_dataset
 from vgt_core.errors import VGTError
 from vgt_core.losses import Discriminator, LeCam, PerceptualLoss, hinge_d_loss, hinge_g_loss, to_loss_range
 from vgt_core.serialization import load_weights, save_weights
@@ -59,7 +59,11 @@ def train_autoencoder(
     if cfg is None:
         raise ValueError("this preset has no stage 2 (train_ae.stage2 is null): its stage-1 model is the final VGT-AE")
     if steps is not None:
+        if steps < 1:
+            raise VGTError(f"steps must be at least 1, got {steps}")
         cfg = cfg.model_copy(update={"steps": steps})
+        # OUT/preset.json records the steps the run takes
+        preset = preset.model_copy(update={"train_ae": preset.train_ae.model_copy(update={f"stage{stage}": cfg})})
     if init is not None and cfg.distill_weight > 0 and find_teacher(init) is None:
         raise VGTError(missing_teacher_message(init, stage))  # before anything is written
     torch.manual_seed(cfg.seed)  # the same initial weights on every process
@@ -128,6 +132,7 @@ def train_autoencoder(
     )
     source = data if data is not None else _named_dataset(preset)
     dataset = open_dataset(source, ae.image_size, random_flip=cfg.random_flip, crop=cfg.crop, streaming=cfg.streaming)
+    check_trainable(dataset, cfg.batch_size, f"train_ae.stage{stage}.batch_size")
 
     acc = run.accelerator
     ae, optimizer = acc.prepare(ae, optimizer)
@@ -189,6 +194,7 @@ def train_autoencoder(
             fakes.append((real_in, fake_in.detach()))
             for k, v in losses.items():
                 scalars[k] = scalars.get(k, 0.0) + float(v.detach()) / len(parts)
+        run.stop_if_not_finite(step, scalars)  # on every process together, before the optimizer uses it
         if cfg.grad_clip:
             acc.clip_grad_norm_(ae.parameters(), cfg.grad_clip)
         optimizer.step()
@@ -210,6 +216,7 @@ def train_autoencoder(
                 acc.backward(d_total / len(fakes))
                 for k, v in d_losses.items():
                     scalars[k] = scalars.get(k, 0.0) + float(v.detach()) / len(fakes)
+            run.stop_if_not_finite(step, scalars)
             if cfg.grad_clip:
                 acc.clip_grad_norm_(disc.parameters(), cfg.grad_clip)
             disc_opt.step()

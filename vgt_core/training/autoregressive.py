@@ -15,9 +15,9 @@ from torchvision.utils import save_image
 from vgt_core.autoencoder import VGTAutoencoder
 from vgt_core.compose import build_generator
 from vgt_core.config import Preset
-from vgt_core.data import collate as image_collate, open_dataset
+from vgt_core.data import check_trainable, collate as image_collate, open_dataset
 from vgt_core.generator import VGTGenerator
-from vgt_core.latents import LatentDataset, collate_latents, is_latent_cache
+from vgt_core.latents import LatentDataset, check_cache_source, collate_latents, is_latent_cache
 from vgt_core.errors import VGTError
 from vgt_core.pipeline import VGTPipeline
 from vgt_core.repa import build_repa_teacher, repa_targets
@@ -37,7 +37,10 @@ def train_generator(
 ) -> Path:
     """Train the generator of ``preset`` on latents of ``autoencoder``; returns ``OUT/model``. Runs on every process
     of an ``accelerate launch``; the result does not depend on how many share the global batch."""
+    if steps is not None and steps < 1:
+        raise VGTError(f"steps must be at least 1, got {steps}")
     cfg = preset.train_ar if steps is None else preset.train_ar.model_copy(update={"steps": steps})
+    preset = preset.model_copy(update={"train_ar": cfg})  # OUT/preset.json records the steps the run takes
     torch.manual_seed(cfg.seed)  # the same initial weights on every process
     run = TrainingRun(
         out_dir,
@@ -48,19 +51,27 @@ def train_generator(
         batch_size=cfg.batch_size,
         accumulation=cfg.gradient_accumulation_steps,
     )
-    ae = VGTAutoencoder.from_pretrained(model_folder(autoencoder)).requires_grad_(False).eval()
-    gen = build_generator(preset, ae)
-    if cfg.gradient_checkpointing:
-        enable_gradient_checkpointing(gen.backbone)
+    ae_folder = model_folder(autoencoder)
+    ae = VGTAutoencoder.from_pretrained(ae_folder).requires_grad_(False).eval()
 
     cached = is_latent_cache(data)
     if cached:
         dataset, collate = LatentDataset(data), collate_latents
         if tuple(dataset.manifest["grid"]) != tuple(ae.grid) or dataset.manifest["channels"] != ae.latent_channels:
             raise ValueError(f"{data}: latents of grid {dataset.manifest['grid']} do not match the autoencoder's {list(ae.grid)}")
+        check_cache_source(dataset.manifest, ae_folder, data)
     else:
         source = data if data is not None else _named_dataset(preset)
         dataset, collate = open_dataset(source, ae.image_size, streaming=cfg.streaming), image_collate
+    check_trainable(dataset, cfg.batch_size, "train_ar.batch_size")  # before the models are built
+
+    gen = build_generator(preset, ae)
+    check_grid = getattr(gen.sampler, "check_grid", None)  # e.g. QueryAR's train_group_sizes must divide the tokens
+    if check_grid is not None:
+        sample = preset.generation.model_copy(update=cfg.sample_generation)
+        check_grid(tuple(ae.grid), {"generation.tokens_per_step": preset.generation, "train_ar.sample_generation": sample})
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(gen.backbone)
 
     teacher = build_repa_teacher(cfg, preset.generator)  # None unless train_ar.repa_weight > 0; checks repa_dim
     if teacher is not None and cached:
@@ -116,6 +127,7 @@ def train_generator(
             acc.backward(losses["loss"] / len(parts))
             for k, v in losses.items():
                 scalars[k] = scalars.get(k, 0.0) + float(v.detach()) / len(parts)
+        run.stop_if_not_finite(step, scalars)  # on every process together, before the optimizer uses it
         if cfg.grad_clip:
             acc.clip_grad_norm_(gen.parameters(), cfg.grad_clip)
         optimizer.step()

@@ -133,7 +133,13 @@ class TrainingRun:
         if self.checkpoints() and not resume:
             self.claim.release()
             raise VGTError(f"{self.out} already holds checkpoints of a run: pass --resume to continue it, or a new --out")
-        acc.wait_for_everyone()  # the main process has made the folder
+        if resume and self.checkpoints() and preset is not None:
+            self._check_same_preset(preset)
+        acc.wait_for_everyone()  # every process has read OUT before the main one changes it
+        if acc.is_main_process:
+            self._remove_leftovers()
+            if not self.checkpoints():
+                self._truncate_log(0)  # a run killed before its first checkpoint: its log lines are not this run's
         acc.init_trackers("tb")
         self.device = acc.device
         self.show_progress = progress and acc.is_main_process
@@ -159,6 +165,63 @@ class TrainingRun:
                 f"{key}={decay} needs whole parameters on each process, and this {self.accelerator.distributed_type.value} "
                 f"run shards them: set {key}=null, or train with DDP / DeepSpeed ZeRO-2 (docs/distributed.md)"
             )
+
+    def _remove_leftovers(self) -> None:
+        """Temporary folders a killed run left: ``OUT/.tmp-*`` (the model being written) and
+        ``OUT/checkpoints/.tmp-*`` (a checkpoint being written). Only these names, only in vgt's own folders."""
+        for folder in (self.out, self.out / CHECKPOINTS):
+            if folder.is_dir():
+                for tmp in folder.glob(".tmp-*"):
+                    if tmp.is_dir() and not tmp.is_symlink():
+                        shutil.rmtree(tmp, ignore_errors=True)
+
+    def _check_same_preset(self, preset: dict) -> None:
+        """``--resume`` continues the run that ``OUT/preset.json`` records: a changed number of steps is allowed and
+        said; any other difference is refused, naming the keys (keys the recorded preset lacks, added by a newer
+        vgt, are not compared)."""
+        path = self.out / "preset.json"
+        if not path.is_file():
+            return
+        try:
+            old = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            return
+        changed = [key for key, value in _flatten(old).items() if _flatten(preset).get(key, value) != value]
+        steps = [key for key in changed if re.fullmatch(r"train_(ar|ae\.stage\d+)\.steps", key)]
+        others = [key for key in changed if key not in steps]
+        if others:
+            shown = ", ".join(f"{k} ({_flatten(old)[k]!r} -> {_flatten(preset).get(k)!r})" for k in others[:12])
+            raise VGTError(
+                f"--resume: {self.out} was trained with another preset; changed: {shown}"
+                f"{f' and {len(others) - 12} more' if len(others) > 12 else ''}. Resume with the same preset and --set "
+                "flags, or start a new --out"
+            )
+        if steps and self.accelerator.is_main_process:
+            print(
+                "vgt: --resume with changed steps: "
+                + ", ".join(f"{k} {_flatten(old)[k]} -> {_flatten(preset)[k]}" for k in steps)
+                + " (the learning-rate schedule follows the new total from here on)"
+            )
+
+    def stop_if_not_finite(self, step: int, scalars: dict[str, float]) -> None:
+        """Stop every process together (a flag reduced across them) when a loss of this step is NaN or infinite,
+        before the optimizer applies it: nothing of this step is saved or exported, the checkpoints on disk
+        (the last good state) stay. Call right after the backward pass."""
+        bad = sorted(k for k, v in scalars.items() if not math.isfinite(v))
+        flag = torch.tensor([float(bool(bad))], device=self.device)
+        if self.world > 1:
+            torch.distributed.all_reduce(flag, torch.distributed.ReduceOp.MAX)
+        if flag.item() == 0:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        found = self.checkpoints()
+        kept = f"the last good checkpoint is {found[-1]} (--resume continues from it)" if found else "no checkpoint was saved yet"
+        which = ", ".join(f"{k}={scalars[k]}" for k in bad) if bad else "on another process"
+        raise VGTError(
+            f"step {step}: the loss is not finite ({which}); the run stops without applying, saving or exporting "
+            f"it, and {kept}. Lower the learning rate, or check the data and mixed precision"
+        )
 
     # -- data ---------------------------------------------------------------------------------------------------
 
@@ -237,10 +300,18 @@ class TrainingRun:
         return state
 
     def _truncate_log(self, step: int) -> None:
-        """Drop log lines written after the checkpoint we resume from (they will be written again)."""
+        """Drop log lines written after the checkpoint we resume from (they will be written again), and any line a
+        killed run left half-written."""
         path = self.out / "log.jsonl"
         if path.exists() and self.accelerator.is_main_process:
-            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+            kept = []
+            for line in path.read_text(errors="replace").splitlines():
+                try:
+                    row = json.loads(line)
+                    if int(row["step"]) <= step:
+                        kept.append(line)
+                except (ValueError, KeyError, TypeError):
+                    continue  # cut off mid-write
             path.write_text("".join(line + "\n" for line in kept))
 
     def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
@@ -327,6 +398,16 @@ def optimizer_groups(named: Iterable[tuple[str, nn.Parameter]], weight_decay: fl
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
     return [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists and scalars are leaves)."""
+    if isinstance(tree, dict) and tree:
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: tree}
 
 
 def log_file(out_dir: str | Path) -> list[dict]:
