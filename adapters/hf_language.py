@@ -8,14 +8,14 @@ from __future__ import annotations
 import inspect
 import warnings
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field
 from torch import nn
-from transformers import AutoModel, AutoTokenizer, DynamicCache, PretrainedConfig
+from transformers import AutoTokenizer, DynamicCache, PretrainedConfig
 
-from vgt_adapters.hf_common import PretrainedOptions, export_config, resolve_config, torch_dtype
+from vgt_adapters.hf_common import PretrainedOptions, export_config, load_part, resolve_config, without_half
 
 
 class LanguageOptions(PretrainedOptions):
@@ -24,8 +24,9 @@ class LanguageOptions(PretrainedOptions):
     )
     image_start_token: str | None = Field(None, description="appended to every prompt (default: the family's)")
     use_chat_template: bool = Field(True, description="wrap prompts in the tokenizer's chat template as a user turn")
-    attn_implementation: str = Field("sdpa", description="sdpa, eager or flash_attention_2")
-    gradient_checkpointing: bool = False
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa", description="attention kernel of the language model"
+    )
 
 
 class HFLanguageBackbone(nn.Module):
@@ -40,22 +41,8 @@ class HFLanguageBackbone(nn.Module):
         self.options = options
         self.config = resolve_config(options, self.config_class)
         self.config.text_config._attn_implementation = options.attn_implementation
-        if options.pretrained is not None and options.load_weights:
-            vlm = self.model_class.from_pretrained(
-                options.pretrained,
-                config=self.config,
-                revision=options.revision,
-                dtype=torch_dtype(options.dtype) or torch.float32,
-                attn_implementation=options.attn_implementation,
-            )
-            self.lm = vlm.model.language_model
-            del vlm
-        else:
-            self.lm = AutoModel.from_config(self.config.text_config, attn_implementation=options.attn_implementation)
-            if options.dtype:
-                self.lm.to(torch_dtype(options.dtype))
-        if options.gradient_checkpointing:
-            self.lm.gradient_checkpointing_enable()
+        # only the language model is built and read (no vision tower, no LM head)
+        self.lm = load_part(self.model_class, self.config, self.keep_language, options)
         self.hidden_size = self.config.text_config.hidden_size
         self._cache_keyword = _cache_keyword(self.lm)  # once: forward runs on every decoding step
         self.tokenizer = self._load_tokenizer(options)
@@ -68,6 +55,14 @@ class HFLanguageBackbone(nn.Module):
                 f"tokenizer has {len(self.tokenizer)} tokens but the model embeds only "
                 f"{self.lm.get_input_embeddings().num_embeddings}"
             )
+
+    def keep_language(self, vlm: nn.Module) -> nn.Module:
+        """The base text model of the VLM (built on the meta device: only this part gets weights)."""
+        return vlm.model.language_model
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute the LM's layers in the backward pass (transformers' own switch, non-reentrant)."""
+        self.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     @staticmethod
     def _load_tokenizer(options: LanguageOptions) -> Any:
@@ -132,8 +127,9 @@ class HFLanguageBackbone(nn.Module):
         return DynamicCache(config=self.lm.config)
 
     def export(self, folder: Path) -> dict:
+        """The tokenizer and the VLM config without its vision tower, so a reload never builds it."""
         self.tokenizer.save_pretrained(folder)
-        return export_config(self.config, folder, self.options, tokenizer=".")
+        return export_config(without_half(self.config, "vision_config"), folder, self.options, tokenizer=".")
 
 
 def _cache_keyword(lm: torch.nn.Module) -> str:
