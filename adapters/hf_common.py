@@ -269,20 +269,41 @@ def _initialise(part: nn.Module, dtype: torch.dtype) -> None:
     part.initialize_weights()
 
 
-def export_config(config: PretrainedConfig, folder: Path, options: PretrainedOptions, **extra: Any) -> dict:
-    """Save ``config`` into ``folder`` and return options that rebuild the architecture from there."""
+def checkpoint_transformer(model: PreTrainedModel) -> None:
+    """transformers' activation checkpointing, non-reentrant (``activation_checkpointing_enable`` since 5.x; the
+    older name elsewhere)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def export_config(
+    config: PretrainedConfig,
+    folder: Path,
+    options: PretrainedOptions,
+    *,
+    drop: str | None = None,
+    keep: tuple[str, ...] = (),
+    **extra: Any,
+) -> dict:
+    """Save ``config`` into ``folder`` and return options that rebuild the architecture from there.
+
+    ``drop`` names the sub-config of the half the component never builds (``text_config``/``vision_config``):
+    it is written as its model type and the ``keep`` keys the kept part reads, nothing else, so a reload does not
+    carry (or build) the other half; its class defaults fill the rest, on the meta device only."""
     config.save_pretrained(folder)
+    if drop is not None:
+        from vgt_core.serialization import read_json, write_json
+
+        path = folder / "config.json"
+        data = read_json(path)
+        sub = data.get(drop) or {}
+        data[drop] = {key: sub[key] for key in ("model_type", *keep) if key in sub}
+        write_json(path, data)
     update = {"pretrained": ".", "config": None, "load_weights": False, "revision": None, **extra}
     return type(options).model_validate({**options.model_dump(), **update}).model_dump(mode="json")
-
-
-def without_half(config: PretrainedConfig, half: str, keep: tuple[str, ...] = ()) -> PretrainedConfig:
-    """``config`` with its ``half`` sub-config (``text_config``/``vision_config``) cut to ``keep`` (and its model
-    type): what a component that never builds that half exports, so that a reload does not build it either."""
-    data = config.to_dict()
-    sub = data.get(half) or {}
-    data[half] = {key: sub[key] for key in ("model_type", *keep) if key in sub}
-    return type(config).from_dict(data)
 
 
 def is_local(path: str | None) -> bool:

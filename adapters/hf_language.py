@@ -15,7 +15,13 @@ from pydantic import Field
 from torch import nn
 from transformers import AutoTokenizer, DynamicCache, PretrainedConfig
 
-from vgt_adapters.hf_common import PretrainedOptions, export_config, load_part, resolve_config, without_half
+from vgt_adapters.hf_common import (
+    PretrainedOptions,
+    checkpoint_transformer,
+    export_config,
+    load_part,
+    resolve_config,
+)
 
 
 class LanguageOptions(PretrainedOptions):
@@ -62,7 +68,7 @@ class HFLanguageBackbone(nn.Module):
 
     def enable_gradient_checkpointing(self) -> None:
         """Recompute the LM's layers in the backward pass (transformers' own switch, non-reentrant)."""
-        self.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpoint_transformer(self.lm)
 
     @staticmethod
     def _load_tokenizer(options: LanguageOptions) -> Any:
@@ -129,7 +135,7 @@ class HFLanguageBackbone(nn.Module):
     def export(self, folder: Path) -> dict:
         """The tokenizer and the VLM config without its vision tower, so a reload never builds it."""
         self.tokenizer.save_pretrained(folder)
-        return export_config(without_half(self.config, "vision_config"), folder, self.options, tokenizer=".")
+        return export_config(self.config, folder, self.options, drop="vision_config", tokenizer=".")
 
 
 def _cache_keyword(lm: torch.nn.Module) -> str:

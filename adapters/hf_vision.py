@@ -15,7 +15,13 @@ from pydantic import Field
 from torch import nn
 from transformers import AutoImageProcessor, PretrainedConfig
 
-from vgt_adapters.hf_common import PretrainedOptions, export_config, load_part, resolve_config, without_half
+from vgt_adapters.hf_common import (
+    PretrainedOptions,
+    checkpoint_transformer,
+    export_config,
+    load_part,
+    resolve_config,
+)
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
@@ -87,15 +93,17 @@ class HFVisionEncoder(nn.Module):
 
     def enable_gradient_checkpointing(self) -> None:
         """Recompute the tower's layers in the backward pass (transformers' own switch, non-reentrant)."""
-        self.tower.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpoint_transformer(self.tower)
 
     def export(self, folder: Path) -> dict:
         """The VLM config without its language model (but the keys the kept part reads), so a reload never
         builds it."""
         return export_config(
-            without_half(self.config, "text_config", self.text_config_keys),
+            self.config,
             folder,
             self.options,
+            drop="text_config",
+            keep=self.text_config_keys,
             image_size=self.image_size,
             image_mean=self.image_mean,
             image_std=self.image_std,

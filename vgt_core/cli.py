@@ -152,7 +152,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from vgt_core.pipeline import VGTPipeline
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    pipe = VGTPipeline.from_pretrained(args.model, device=device)
+    pipe = VGTPipeline.from_pretrained(args.model, device=device, dtype=args.dtype)
     settings = {
         key: value
         for key, value in {
@@ -273,6 +273,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float)
     p.add_argument("--order", choices=["random", "raster"])
     p.add_argument("--seed", type=int)
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        help="weights and compute dtype (default: bfloat16 on a CUDA GPU that supports it, float32 on CPU)",
+    )
 
     p = add("convert-upstream", "convert released upstream VGT checkpoints (hustvl/VGT .pth) into a vgt folder")
     preset_args(p)
