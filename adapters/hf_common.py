@@ -237,8 +237,9 @@ def read_part_weights(
         path = cached_file(source, file, revision=revision)
         with safe_open(path, framework="pt") as f:
             for key, local in pairs:
+                # a copy in any case: the part owns its memory, not pages of the mapped file
                 tensor = f.get_tensor(key)
-                state[local] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+                state[local] = tensor.to(dtype=dtype if tensor.is_floating_point() else tensor.dtype, copy=True)
     return state
 
 
