@@ -259,7 +259,10 @@ def _beyond_kept_layers(root: nn.Module, key: str) -> bool:
 
 
 def _initialise(part: nn.Module, dtype: torch.dtype) -> None:
-    """Give a meta-built part fresh memory in ``dtype`` and transformers' initialisation for its model class."""
+    """Give a meta-built part fresh memory in ``dtype`` and transformers' initialisation for its model class;
+    under ``with torch.device("meta")`` (counting parameters of full-size models) it stays on meta."""
+    if torch.get_default_device().type == "meta":
+        return
     if not isinstance(part, PreTrainedModel):
         raise TypeError(f"cannot initialise {type(part).__name__}: the kept part must be a transformers model")
     for name, param in list(part.named_parameters()):
