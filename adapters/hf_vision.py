@@ -40,8 +40,9 @@ class HFVisionEncoder(nn.Module):
     config_class: ClassVar[type[PretrainedConfig]]
     default_mean: ClassVar[tuple[float, float, float]] = IMAGENET_MEAN
     default_std: ClassVar[tuple[float, float, float]] = IMAGENET_STD
-    # what the kept part reads from the language model's config (InternVL3's projector: the LM width)
-    text_config_keys: ClassVar[tuple[str, ...]] = ()
+    # what the kept part reads from the language model's config: the projector maps to the LM width. The export
+    # keeps only these of the text config (a family whose tower reads more names them here).
+    text_config_keys: ClassVar[tuple[str, ...]] = ("hidden_size",)
 
     def __init__(self, options: VisionOptions):
         super().__init__()

@@ -19,7 +19,6 @@ class InternVL3Encoder(HFVisionEncoder):
     model_class = InternVLForConditionalGeneration
     config_class = InternVLConfig
     default_mean, default_std = IMAGENET_MEAN, IMAGENET_STD
-    text_config_keys = ("hidden_size",)  # the projector maps to the LM width
 
     def keep_vision(self, vlm: nn.Module) -> nn.Module:
         model = vlm.model  # InternVLModel: vision_tower + multi_modal_projector (+ language_model, dropped)
