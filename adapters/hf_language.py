@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import Field
 from torch import nn
-from transformers import AutoTokenizer, DynamicCache, PretrainedConfig
+from transformers import AutoModel, AutoTokenizer, DynamicCache, PretrainedConfig
 
 from vgt_adapters.hf_common import (
     PretrainedOptions,
@@ -21,6 +21,7 @@ from vgt_adapters.hf_common import (
     export_config,
     load_part,
     resolve_config,
+    torch_dtype,
 )
 
 
@@ -47,8 +48,15 @@ class HFLanguageBackbone(nn.Module):
         self.options = options
         self.config = resolve_config(options, self.config_class)
         self.config.text_config._attn_implementation = options.attn_implementation
-        # only the language model is built and read (no vision tower, no LM head)
-        self.lm = load_part(self.model_class, self.config, self.keep_language, options)
+        if options.pretrained is not None and options.load_weights:
+            # only the language model is built and read (no vision tower, no LM head)
+            self.lm = load_part(self.model_class, self.config, self.keep_language, options)
+        else:  # the text model is a transformers model of its own: built directly from its config
+            self.lm = AutoModel.from_config(
+                self.config.text_config,
+                attn_implementation=options.attn_implementation,
+                dtype=torch_dtype(options.dtype) or torch.float32,
+            )
         self.hidden_size = self.config.text_config.hidden_size
         self._cache_keyword = _cache_keyword(self.lm)  # once: forward runs on every decoding step
         self.tokenizer = self._load_tokenizer(options)
@@ -63,7 +71,8 @@ class HFLanguageBackbone(nn.Module):
             )
 
     def keep_language(self, vlm: nn.Module) -> nn.Module:
-        """The base text model of the VLM (built on the meta device: only this part gets weights)."""
+        """The base text model of the VLM (built on the meta device: only this part gets weights); the same class
+        ``AutoModel.from_config(text_config)`` builds."""
         return vlm.model.language_model
 
     def enable_gradient_checkpointing(self) -> None:
