@@ -13,8 +13,10 @@ from typing import Any
 import torch
 from pydantic import Field
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from vgt_adapters.hf_common import PretrainedOptions, torch_dtype
+from vgt_core.checkpointing import checkpoint_forward
 
 
 class DiffusersOptions(PretrainedOptions):
@@ -25,7 +27,8 @@ def load_autoencoder(model_class: Any, options: DiffusersOptions) -> nn.Module:
     """The whole autoencoder: pretrained weights, or the architecture of ``pretrained``/``config`` (random)."""
     if options.pretrained is not None and options.load_weights:
         return model_class.from_pretrained(
-            options.pretrained, subfolder=options.subfolder, revision=options.revision, torch_dtype=torch.float32
+            options.pretrained, subfolder=options.subfolder, revision=options.revision,
+            torch_dtype=torch_dtype(options.dtype) or torch.float32,
         )
     if options.pretrained is not None:
         config = model_class.load_config(options.pretrained, subfolder=options.subfolder)
@@ -39,6 +42,29 @@ def load_autoencoder(model_class: Any, options: DiffusersOptions) -> nn.Module:
 def keep_half(half: nn.Module, options: DiffusersOptions) -> nn.Module:
     """The kept half in the requested dtype (float32 unless ``dtype`` is set)."""
     return half.to(torch_dtype(options.dtype)) if options.dtype else half
+
+
+def checkpoint_half(half: nn.Module, blocks: str) -> None:
+    """Activation checkpointing for one half of a diffusers autoencoder.
+
+    Where diffusers supports it (SD-VAE's ``Encoder``/``Decoder`` read a ``gradient_checkpointing`` flag), set the
+    flag and checkpoint function as ``ModelMixin.enable_gradient_checkpointing`` does; where it does not
+    (``AutoencoderDC`` refuses), checkpoint each of the half's ``blocks`` (``up_blocks``/``down_blocks``)."""
+    flagged = [m for m in half.modules() if isinstance(getattr(m, "gradient_checkpointing", None), bool)]
+    if flagged:
+        for module in flagged:
+            module._gradient_checkpointing_func = _checkpoint_call
+            module.gradient_checkpointing = True
+        return
+    stages = getattr(half, blocks, None)
+    if not isinstance(stages, nn.ModuleList) or len(stages) == 0:
+        raise ValueError(f"{type(half).__name__} has no `{blocks}` to checkpoint")
+    for stage in stages:
+        checkpoint_forward(stage)
+
+
+def _checkpoint_call(module: nn.Module, *args: Any) -> Any:
+    return checkpoint(module.__call__, *args, use_reentrant=False)
 
 
 def export_autoencoder(model_class: Any, ae_config: dict, options: DiffusersOptions, folder: Path) -> dict:

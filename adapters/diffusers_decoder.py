@@ -14,7 +14,13 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from vgt_adapters.diffusers_common import DiffusersOptions, export_autoencoder, keep_half, load_autoencoder
+from vgt_adapters.diffusers_common import (
+    DiffusersOptions,
+    checkpoint_half,
+    export_autoencoder,
+    keep_half,
+    load_autoencoder,
+)
 
 
 class DiffusersDecoderOptions(DiffusersOptions):
@@ -50,6 +56,10 @@ class DiffusersDecoder(nn.Module):
             mode = self.options.resize
             x = F.interpolate(x, size=tuple(size), mode=mode, align_corners=None if mode == "nearest" else False)
         return x
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute the decoder's activations in the backward pass, block by block."""
+        checkpoint_half(self.decoder, "up_blocks")
 
     def export(self, folder: Path) -> dict:
         return export_autoencoder(self.model_class, self.ae_config, self.options, folder)

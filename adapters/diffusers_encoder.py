@@ -15,7 +15,13 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from vgt_adapters.diffusers_common import DiffusersOptions, export_autoencoder, keep_half, load_autoencoder
+from vgt_adapters.diffusers_common import (
+    DiffusersOptions,
+    checkpoint_half,
+    export_autoencoder,
+    keep_half,
+    load_autoencoder,
+)
 
 
 class DiffusersEncoderOptions(DiffusersOptions):
@@ -58,6 +64,10 @@ class DiffusersEncoder(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.encoder(self.preprocess(images)).flatten(2).transpose(1, 2)
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute the encoder's activations in the backward pass, block by block."""
+        checkpoint_half(self.encoder, "down_blocks")
 
     def export(self, folder: Path) -> dict:
         return export_autoencoder(self.model_class, self.ae_config, self.options, folder)

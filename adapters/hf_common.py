@@ -1,17 +1,31 @@
-"""Options and loading shared by every transformers-backed component."""
+"""Options and loading shared by every transformers-backed component.
+
+A component keeps one part of a VLM (the vision tower, or the language model). ``load_part`` builds the VLM's
+architecture with its parameters on the meta device (no memory), keeps that part, and reads only the part's tensors
+from the checkpoint, in the requested dtype: the other half is never materialised, neither in memory nor read
+from disk (a sharded hub checkpoint downloads only the shards holding the part).
+"""
 
 from __future__ import annotations
 
 import copy
+import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Literal
 
 import torch
-from pydantic import Field
-from transformers import AutoConfig, PretrainedConfig
+from accelerate import init_empty_weights
+from accelerate.utils import set_module_tensor_to_device
+from pydantic import Field, model_validator
+from safetensors import safe_open
+from torch import nn
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, cached_file
 
 from vgt_core.registry import Options
+
+Dtype = Literal["float32", "bfloat16", "float16"]
 
 
 class PretrainedOptions(Options):
@@ -23,7 +37,21 @@ class PretrainedOptions(Options):
     )
     load_weights: bool = Field(True, description="false: build the architecture only (weights come from elsewhere)")
     revision: str | None = None
-    dtype: str | None = Field(None, description="e.g. bfloat16; default float32")
+    dtype: Dtype | None = Field(None, description="dtype of the weights: float32 (the default), bfloat16 or float16")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_options(cls, data: Any) -> Any:
+        """``gradient_checkpointing`` was a component option; the training config's switch now covers every
+        component. ``false`` (what older saved folders hold) is dropped; ``true`` says where the switch went."""
+        if isinstance(data, dict) and "gradient_checkpointing" in data:
+            data = dict(data)
+            if data.pop("gradient_checkpointing"):
+                raise ValueError(
+                    "gradient_checkpointing is no longer a component option: set train_ae.stage1/stage2."
+                    "gradient_checkpointing or train_ar.gradient_checkpointing in the preset (one switch for every component)"
+                )
+        return data
 
 
 def torch_dtype(name: str | None) -> torch.dtype | None:
@@ -49,8 +77,8 @@ def deep_merge(base: dict, overrides: dict) -> dict:
 
 def check_layer_overrides(base: dict, overrides: dict, source: str, path: str = "") -> None:
     """A layer count in ``overrides`` (``text_config.num_hidden_layers``, a vision ``depth``) must keep at least one
-    layer and at most as many as ``source``'s checkpoint has: ``from_pretrained`` then loads the first layers'
-    weights and leaves the rest of the checkpoint out."""
+    layer and at most as many as ``source``'s checkpoint has: loading then reads the first layers' weights and
+    leaves the rest of the checkpoint out."""
     for key, value in overrides.items():
         where = f"{path}{key}"
         if isinstance(value, dict):
@@ -95,19 +123,189 @@ def resolve_config(options: PretrainedOptions, config_class: type[PretrainedConf
     return config_class.from_dict(copy.deepcopy(options.config))
 
 
-def load_model(model_class: Any, options: PretrainedOptions, config: PretrainedConfig) -> Any:
-    """``from_pretrained`` when weights are wanted, else the bare architecture (randomly initialised)."""
+# ---------------------------------------------------------------------------------------------------------------
+# One part of a VLM, and only it
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def load_part(
+    model_class: type[PreTrainedModel],
+    config: PretrainedConfig,
+    keep: Callable[[PreTrainedModel], nn.Module],
+    options: PretrainedOptions,
+) -> nn.Module:
+    """The part of ``model_class(config)`` that ``keep`` returns, in ``options.dtype`` (float32 by default).
+
+    The whole architecture is built with its parameters on the meta device (buffers such as rotary frequencies
+    are computed for real, as transformers does), ``keep`` picks the part, and only the part's parameters get
+    memory: the part's tensors read from the checkpoint of ``options.pretrained`` (safetensors, key names mapped
+    by transformers' own checkpoint conversions), or a fresh initialisation when there are no weights to load."""
+    dtype = torch_dtype(options.dtype) or torch.float32
+    with init_empty_weights():
+        vlm = model_class(config)
+    checkpoint_names = _checkpoint_key_mapper(vlm)  # needs the whole model: the mapping is the VLM's
+    part = keep(vlm)
+    prefix = next((name for name, module in vlm.named_modules() if module is part), None)
+    if prefix is None:
+        raise ValueError(f"keep() must return a sub-module of {model_class.__name__}")
     if options.pretrained is not None and options.load_weights:
-        return model_class.from_pretrained(
-            options.pretrained, config=config, revision=options.revision, dtype=torch_dtype(options.dtype) or torch.float32
+        state = read_part_weights(options.pretrained, options.revision, part, prefix, checkpoint_names, dtype)
+        part.load_state_dict(state, strict=True, assign=True)
+    else:
+        _initialise(part, dtype)
+    del vlm
+    return part
+
+
+def _checkpoint_key_mapper(vlm: PreTrainedModel) -> Callable[[str], tuple[str, str | None]]:
+    """checkpoint key -> (the model's key, the converter it needs or None), as ``from_pretrained`` maps them:
+    hub checkpoints keep older layouts (``language_model.model.*``, ``visual.*``) that transformers renames."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    mapping = get_model_conversion_mapping(vlm)
+    renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
+    converters = [m for m in mapping if isinstance(m, WeightConverter)]
+    model_keys = vlm.state_dict()
+
+    def mapper(key: str) -> tuple[str, str | None]:
+        renamed, converter = rename_source_key(key, renamings, converters, vlm.base_model_prefix, model_keys)
+        if renamed not in model_keys and key in model_keys:  # already in the model's own layout
+            return key, None
+        return renamed, converter
+
+    return mapper
+
+
+def checkpoint_files(source: str, revision: str | None) -> dict[str, str]:
+    """Each tensor name of ``source``'s safetensors checkpoint -> the file (shard) that holds it; shards are
+    fetched later, only those a part needs."""
+    index = cached_file(source, SAFE_WEIGHTS_INDEX_NAME, revision=revision, _raise_exceptions_for_missing_entries=False)
+    if index is not None:
+        return dict(json.loads(Path(index).read_text())["weight_map"])
+    single = cached_file(source, SAFE_WEIGHTS_NAME, revision=revision, _raise_exceptions_for_missing_entries=False)
+    if single is None:
+        raise FileNotFoundError(
+            f"{source}: no {SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME} (vgt reads safetensors only; a "
+            f"pytorch_model.bin would have to be unpickled)"
         )
-    model = model_class(config)
-    return model.to(torch_dtype(options.dtype)) if options.dtype else model
+    with safe_open(single, framework="pt") as f:
+        return {key: SAFE_WEIGHTS_NAME for key in f.keys()}
 
 
-def export_config(config: PretrainedConfig, folder: Path, options: PretrainedOptions, **extra: Any) -> dict:
-    """Save ``config`` into ``folder`` and return options that rebuild the architecture from there."""
+def read_part_weights(
+    source: str,
+    revision: str | None,
+    part: nn.Module,
+    prefix: str,
+    checkpoint_names: Callable[[str], tuple[str, str | None]],
+    dtype: torch.dtype,
+) -> dict[str, torch.Tensor]:
+    """The part's state dict, read tensor by tensor from ``source`` in ``dtype``; nothing else is read.
+
+    Checkpoint keys outside the part are skipped unread, and so are layers beyond those the part keeps (a
+    ``num_hidden_layers`` override keeps the first layers). A part key the checkpoint lacks, or a checkpoint key
+    inside the part that fits nothing, is an error naming them."""
+    wanted = part.state_dict(keep_vars=True)
+    children = {name for name, _ in part.named_children()}
+    head = f"{prefix}."
+    where: dict[str, list[tuple[str, str]]] = {}  # file -> [(checkpoint key, part key)]
+    unexpected, converted = [], []
+    for key, file in checkpoint_files(source, revision).items():
+        name, converter = checkpoint_names(key)
+        if not name.startswith(head):
+            continue  # the other half (or the LM head): never read
+        local = name[len(head) :]
+        if local in wanted:
+            if converter is not None:
+                converted.append(key)
+            where.setdefault(file, []).append((key, local))
+        elif local.split(".", 1)[0] in children and not _beyond_kept_layers(part, local):
+            unexpected.append(key)
+    missing = sorted(set(wanted) - {local for pairs in where.values() for _, local in pairs})
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} tensors of the model are not in the checkpoint: {missing[:8]}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} checkpoint tensors fit nothing in the model: {sorted(unexpected)[:8]}")
+    if converted:
+        problems.append(f"tensors stored in a layout vgt does not convert (load them with transformers): {converted[:8]}")
+    if problems:
+        raise ValueError(f"{source} ({prefix}): " + "; ".join(problems))
+    state: dict[str, torch.Tensor] = {}
+    for file, pairs in where.items():
+        path = cached_file(source, file, revision=revision)
+        with safe_open(path, framework="pt") as f:
+            for key, local in pairs:
+                # a copy in any case: the part owns its memory, not pages of the mapped file
+                tensor = f.get_tensor(key)
+                state[local] = tensor.to(dtype=dtype if tensor.is_floating_point() else tensor.dtype, copy=True)
+    return state
+
+
+def _beyond_kept_layers(root: nn.Module, key: str) -> bool:
+    """Whether ``key`` names a layer past the end of one of ``root``'s layer lists (a trimmed layer)."""
+    module: nn.Module | None = root
+    for name in key.split(".")[:-1]:
+        if isinstance(module, nn.ModuleList) and name.isdigit():
+            if int(name) >= len(module):
+                return True
+            module = module[int(name)]
+        else:
+            module = module._modules.get(name) if module is not None else None
+            if module is None:
+                return False
+    return False
+
+
+def _initialise(part: nn.Module, dtype: torch.dtype) -> None:
+    """Give a meta-built part fresh memory in ``dtype`` and transformers' initialisation for its model class;
+    under ``with torch.device("meta")`` (counting parameters of full-size models) it stays on meta."""
+    if torch.get_default_device().type == "meta":
+        return
+    if not isinstance(part, PreTrainedModel):
+        raise TypeError(f"cannot initialise {type(part).__name__}: the kept part must be a transformers model")
+    for name, param in list(part.named_parameters()):
+        if param.is_meta:
+            set_module_tensor_to_device(part, name, "cpu", value=torch.empty(param.shape, dtype=dtype), dtype=dtype)
+    for module in part.modules():  # built on meta, every module was marked initialised; it is not, yet
+        module._is_hf_initialized = False
+    part.initialize_weights()
+
+
+def checkpoint_transformer(model: PreTrainedModel) -> None:
+    """transformers' activation checkpointing, non-reentrant (``activation_checkpointing_enable`` since 5.x; the
+    older name elsewhere)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def export_config(
+    config: PretrainedConfig,
+    folder: Path,
+    options: PretrainedOptions,
+    *,
+    drop: str | None = None,
+    keep: tuple[str, ...] = (),
+    **extra: Any,
+) -> dict:
+    """Save ``config`` into ``folder`` and return options that rebuild the architecture from there.
+
+    ``drop`` names the sub-config of the half the component never builds (``text_config``/``vision_config``):
+    it is written as its model type and the ``keep`` keys the kept part reads, nothing else, so a reload does not
+    carry (or build) the other half; its class defaults fill the rest, on the meta device only."""
     config.save_pretrained(folder)
+    if drop is not None:
+        from vgt_core.serialization import read_json, write_json
+
+        path = folder / "config.json"
+        data = read_json(path)
+        sub = data.get(drop) or {}
+        data[drop] = {key: sub[key] for key in ("model_type", *keep) if key in sub}
+        write_json(path, data)
     update = {"pretrained": ".", "config": None, "load_weights": False, "revision": None, **extra}
     return type(options).model_validate({**options.model_dump(), **update}).model_dump(mode="json")
 

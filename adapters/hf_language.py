@@ -8,14 +8,21 @@ from __future__ import annotations
 import inspect
 import warnings
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field
 from torch import nn
 from transformers import AutoModel, AutoTokenizer, DynamicCache, PretrainedConfig
 
-from vgt_adapters.hf_common import PretrainedOptions, export_config, resolve_config, torch_dtype
+from vgt_adapters.hf_common import (
+    PretrainedOptions,
+    checkpoint_transformer,
+    export_config,
+    load_part,
+    resolve_config,
+    torch_dtype,
+)
 
 
 class LanguageOptions(PretrainedOptions):
@@ -24,8 +31,9 @@ class LanguageOptions(PretrainedOptions):
     )
     image_start_token: str | None = Field(None, description="appended to every prompt (default: the family's)")
     use_chat_template: bool = Field(True, description="wrap prompts in the tokenizer's chat template as a user turn")
-    attn_implementation: str = Field("sdpa", description="sdpa, eager or flash_attention_2")
-    gradient_checkpointing: bool = False
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa", description="attention kernel of the language model"
+    )
 
 
 class HFLanguageBackbone(nn.Module):
@@ -41,21 +49,14 @@ class HFLanguageBackbone(nn.Module):
         self.config = resolve_config(options, self.config_class)
         self.config.text_config._attn_implementation = options.attn_implementation
         if options.pretrained is not None and options.load_weights:
-            vlm = self.model_class.from_pretrained(
-                options.pretrained,
-                config=self.config,
-                revision=options.revision,
-                dtype=torch_dtype(options.dtype) or torch.float32,
+            # only the language model is built and read (no vision tower, no LM head)
+            self.lm = load_part(self.model_class, self.config, self.keep_language, options)
+        else:  # the text model is a transformers model of its own: built directly from its config
+            self.lm = AutoModel.from_config(
+                self.config.text_config,
                 attn_implementation=options.attn_implementation,
+                dtype=torch_dtype(options.dtype) or torch.float32,
             )
-            self.lm = vlm.model.language_model
-            del vlm
-        else:
-            self.lm = AutoModel.from_config(self.config.text_config, attn_implementation=options.attn_implementation)
-            if options.dtype:
-                self.lm.to(torch_dtype(options.dtype))
-        if options.gradient_checkpointing:
-            self.lm.gradient_checkpointing_enable()
         self.hidden_size = self.config.text_config.hidden_size
         self._cache_keyword = _cache_keyword(self.lm)  # once: forward runs on every decoding step
         self.tokenizer = self._load_tokenizer(options)
@@ -68,6 +69,15 @@ class HFLanguageBackbone(nn.Module):
                 f"tokenizer has {len(self.tokenizer)} tokens but the model embeds only "
                 f"{self.lm.get_input_embeddings().num_embeddings}"
             )
+
+    def keep_language(self, vlm: nn.Module) -> nn.Module:
+        """The base text model of the VLM (built on the meta device: only this part gets weights); the same class
+        ``AutoModel.from_config(text_config)`` builds."""
+        return vlm.model.language_model
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute the LM's layers in the backward pass (transformers' own switch, non-reentrant)."""
+        checkpoint_transformer(self.lm)
 
     @staticmethod
     def _load_tokenizer(options: LanguageOptions) -> Any:
@@ -132,8 +142,9 @@ class HFLanguageBackbone(nn.Module):
         return DynamicCache(config=self.lm.config)
 
     def export(self, folder: Path) -> dict:
+        """The tokenizer and the VLM config without its vision tower, so a reload never builds it."""
         self.tokenizer.save_pretrained(folder)
-        return export_config(self.config, folder, self.options, tokenizer=".")
+        return export_config(self.config, folder, self.options, drop="vision_config", tokenizer=".")
 
 
 def _cache_keyword(lm: torch.nn.Module) -> str:

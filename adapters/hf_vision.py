@@ -15,7 +15,13 @@ from pydantic import Field
 from torch import nn
 from transformers import AutoImageProcessor, PretrainedConfig
 
-from vgt_adapters.hf_common import PretrainedOptions, export_config, load_model, resolve_config
+from vgt_adapters.hf_common import (
+    PretrainedOptions,
+    checkpoint_transformer,
+    export_config,
+    load_part,
+    resolve_config,
+)
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
@@ -25,7 +31,6 @@ class VisionOptions(PretrainedOptions):
     image_size: int | None = Field(None, description="input side in pixels (default: the model's own)")
     image_mean: tuple[float, float, float] | None = Field(None, description="default: the model's preprocessor")
     image_std: tuple[float, float, float] | None = None
-    gradient_checkpointing: bool = False
 
 
 class HFVisionEncoder(nn.Module):
@@ -35,16 +40,16 @@ class HFVisionEncoder(nn.Module):
     config_class: ClassVar[type[PretrainedConfig]]
     default_mean: ClassVar[tuple[float, float, float]] = IMAGENET_MEAN
     default_std: ClassVar[tuple[float, float, float]] = IMAGENET_STD
+    # what the kept part reads from the language model's config: the projector maps to the LM width. The export
+    # keeps only these of the text config (a family whose tower reads more names them here).
+    text_config_keys: ClassVar[tuple[str, ...]] = ("hidden_size",)
 
     def __init__(self, options: VisionOptions):
         super().__init__()
         self.options = options
         self.config = resolve_config(options, self.config_class)
-        vlm = load_model(self.model_class, options, self.config)
-        self.tower = self.keep_vision(vlm)  # the language model is dropped here: only the vision part stays
-        del vlm
-        if options.gradient_checkpointing:
-            self.tower.gradient_checkpointing_enable()
+        # only the vision part is built and read; the language model stays on the meta device and is dropped
+        self.tower = load_part(self.model_class, self.config, self.keep_vision, options)
         mean, std = self.image_mean, self.image_std = self._normalisation(options)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
@@ -54,7 +59,8 @@ class HFVisionEncoder(nn.Module):
     # -- per-family hooks ---------------------------------------------------------------------------------------
 
     def keep_vision(self, vlm: nn.Module) -> nn.Module:
-        """The module that stays in memory: the vision tower and whatever maps it to the LM's input."""
+        """The module that stays in memory: the vision tower and whatever maps it to the LM's input (``vlm`` is
+        built on the meta device: only what this returns gets weights)."""
         raise NotImplementedError
 
     def native_image_size(self) -> int:
@@ -86,11 +92,19 @@ class HFVisionEncoder(nn.Module):
     def preprocess(self, images: torch.Tensor) -> Any:
         return self.normalize(images)
 
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute the tower's layers in the backward pass (transformers' own switch, non-reentrant)."""
+        checkpoint_transformer(self.tower)
+
     def export(self, folder: Path) -> dict:
+        """The VLM config without its language model (but the keys the kept part reads), so a reload never
+        builds it."""
         return export_config(
             self.config,
             folder,
             self.options,
+            drop="text_config",
+            keep=self.text_config_keys,
             image_size=self.image_size,
             image_mean=self.image_mean,
             image_std=self.image_std,

@@ -14,6 +14,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from vgt_core import hookimpl
+from vgt_core.checkpointing import checkpoint_forward
 from vgt_core.registry import Options
 
 
@@ -38,6 +39,11 @@ class ViTDecoder(nn.Module):
         )
         self.norm = nn.LayerNorm(options.width)
         self.to_pixels = nn.Linear(options.width, 3 * options.patch_size**2)
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute each transformer block's activations in the backward pass."""
+        for block in self.blocks:
+            checkpoint_forward(block)
 
     def forward(self, z: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         b, _, h, w = z.shape

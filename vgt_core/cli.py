@@ -174,7 +174,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if not one_file:
         check_output(out, IMAGES_KIND, "replace")  # before the model loads; checked again when written
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    pipe = VGTPipeline.from_pretrained(args.model, device=device)
+    pipe = VGTPipeline.from_pretrained(args.model, device=device, dtype=args.dtype)
     settings = {
         key: value
         for key, value in {
@@ -339,6 +339,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float)
     p.add_argument("--order", choices=["random", "raster"])
     p.add_argument("--seed", type=_seed, help="image i uses seed + i, alone or in a batch (0 <= seed < 2**64)")
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        help="weights and compute dtype (default: bfloat16 on a CUDA GPU that supports it, float32 on CPU)",
+    )
 
     p = add("convert-upstream", "convert released upstream VGT checkpoints (hustvl/VGT .pth) into a vgt folder")
     preset_args(p)

@@ -1,14 +1,15 @@
 """Text -> images with a trained VGT model: a VGT-AE and a generator in one folder.
 
-    pipe = VGTPipeline.from_pretrained("runs/ar/model")
+    pipe = VGTPipeline.from_pretrained("runs/ar/model", device="cuda")     # bf16 weights on a bf16-capable GPU
     images = pipe(["a photo of a red circle"], tokens_per_step=4, guidance_scale=3.0, seed=0)
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from PIL import Image
@@ -19,6 +20,9 @@ from vgt_core.config import GenerationConfig
 from vgt_core.generator import VGTGenerator, image_draws
 from vgt_core.serialization import atomic_folder
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DtypeName = Literal["float32", "bfloat16", "float16"]
+
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
     """Images in [-1, 1] ``(B, 3, H, W)`` -> PIL images."""
@@ -26,17 +30,67 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a) for a in arr]
 
 
-class VGTPipeline:
-    """A VGT-AE and a generator; ``__call__`` turns prompts into PIL images."""
+def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device) -> torch.dtype:
+    """``dtype`` as a torch dtype; ``None`` is bfloat16 on a CUDA device that supports it, else float32."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise ValueError(f"dtype {dtype}: allowed {', '.join(DTYPES)}")
+        return dtype
+    if dtype is None:
+        cuda = torch.device(device).type == "cuda" and torch.cuda.is_available()
+        return torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: allowed {', '.join(DTYPES)}")
+    return DTYPES[dtype]
 
-    def __init__(self, autoencoder: VGTAutoencoder, generator: VGTGenerator, defaults: GenerationConfig | None = None):
+
+def cast_parameters(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Floating-point parameters to ``dtype``; buffers (normalisation constants, rotary frequencies, running
+    statistics) stay as they are, in float32, as transformers keeps them in a bf16 model. Shared parameters stay
+    shared."""
+    done: dict[int, torch.nn.Parameter] = {}
+    for sub in module.modules():
+        for name, param in sub._parameters.items():
+            if param is None or not param.is_floating_point() or param.dtype == dtype:
+                continue
+            if id(param) not in done:
+                done[id(param)] = torch.nn.Parameter(param.detach().to(dtype), requires_grad=param.requires_grad)
+            sub._parameters[name] = done[id(param)]
+    return module
+
+
+class VGTPipeline:
+    """A VGT-AE and a generator; ``__call__`` turns prompts into PIL images.
+
+    With ``dtype`` other than float32 the weights are stored in that dtype and generation runs under
+    ``torch.autocast`` in it (buffers stay float32; the image comes out of the decoder as float)."""
+
+    def __init__(
+        self,
+        autoencoder: VGTAutoencoder,
+        generator: VGTGenerator,
+        defaults: GenerationConfig | None = None,
+        dtype: DtypeName | torch.dtype | None = None,
+    ):
         self.autoencoder = autoencoder.eval()
         self.generator = generator.eval()
         self.defaults = defaults or GenerationConfig()
+        self.dtype = resolve_dtype(dtype, "cpu") if dtype is not None else next(generator.parameters()).dtype
+        cast_parameters(self.autoencoder, self.dtype)
+        cast_parameters(self.generator, self.dtype)
 
     @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike, device: str | torch.device = "cpu") -> VGTPipeline:
-        """Load ``folder/autoencoder`` and ``folder/generator`` (a ``vgt train-ar`` run folder works too)."""
+    def from_pretrained(
+        cls,
+        folder: str | os.PathLike,
+        device: str | torch.device = "cpu",
+        dtype: DtypeName | torch.dtype | None = None,
+    ) -> VGTPipeline:
+        """Load ``folder/autoencoder`` and ``folder/generator`` (a ``vgt train-ar`` run folder works too) onto
+        ``device`` with weights in ``dtype``: float32, bfloat16 or float16; ``None`` (the default) is bfloat16 on a
+        CUDA device that supports it, float32 elsewhere. Weights are cast on the CPU, so the device only ever
+        holds them in ``dtype``."""
+        dtype = resolve_dtype(dtype, device)
         folder = Path(folder)
         if not (folder / "generator").exists() and (folder / "model" / "generator").exists():
             folder = folder / "model"
@@ -46,10 +100,11 @@ class VGTPipeline:
 
             defaults = load_json_model(GenerationConfig, folder / "generation.json")
         return cls(
-            VGTAutoencoder.from_pretrained(folder / "autoencoder", map_location=device),
-            VGTGenerator.from_pretrained(folder / "generator", map_location=device),
+            VGTAutoencoder.from_pretrained(folder / "autoencoder", map_location="cpu"),
+            VGTGenerator.from_pretrained(folder / "generator", map_location="cpu"),
             defaults,
-        )
+            dtype,
+        ).to(device)
 
     def save_pretrained(self, folder: str | os.PathLike, *, generator_state: dict[str, torch.Tensor] | None = None) -> None:
         """The pipeline folder; ``generator_state`` replaces the generator's own state dict (the gathered weights
@@ -64,6 +119,13 @@ class VGTPipeline:
         self.autoencoder.to(device)
         self.generator.to(device)
         return self
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        """Mixed precision in the weights' dtype (no-op in float32): matmuls in bf16/fp16, reductions in fp32."""
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        device = next(self.generator.parameters()).device
+        return torch.autocast(device.type, dtype=self.dtype)
 
     @torch.no_grad()
     def __call__(
@@ -87,7 +149,8 @@ class VGTPipeline:
         for start in tqdm(range(0, len(prompts), batch_size), desc="generating", disable=not progress):
             chunk = prompts[start : start + batch_size]
             draws = image_draws(seed, start, len(chunk))  # prompt i: seed + i, whatever the batch
-            latents = self.generator.generate(chunk, grid, config, generator=draws)
-            images.append(self.autoencoder.decode(latents.to(next(self.autoencoder.parameters()).dtype)))
+            with self._autocast():
+                latents = self.generator.generate(chunk, grid, config, generator=draws)
+                images.append(self.autoencoder.decode(latents).float())
         out = torch.cat(images)
         return to_pil(out) if output_type == "pil" else out

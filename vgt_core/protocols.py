@@ -30,6 +30,17 @@ class Exportable(Protocol):
 
 
 @runtime_checkable
+class SupportsGradientCheckpointing(Protocol):
+    """A component that can recompute its activations in the backward pass instead of keeping them.
+
+    Optional for every component. ``vgt_core.checkpointing.enable_gradient_checkpointing(model)`` calls it on each
+    component that has it when the training config's ``gradient_checkpointing`` is on (the only switch)."""
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Turn activation checkpointing on for this component's own layers (the result must not change)."""
+
+
+@runtime_checkable
 class Encoder(Protocol):
     """A VLM's vision tower (and projector), returning the features its language model would see."""
 

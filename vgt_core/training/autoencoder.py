@@ -24,11 +24,11 @@ from vgt_core.data import check_trainable, open_dataset
 from vgt_core.errors import VGTError
 from vgt_core.losses import Discriminator, LeCam, PerceptualLoss, hinge_d_loss, hinge_g_loss, to_loss_range
 from vgt_core.serialization import load_weights, save_weights
+from vgt_core.checkpointing import enable_gradient_checkpointing
 from vgt_core.training.run import (
     ScheduledEMA,
     TrainingRun,
     cosine_with_warmup,
-    enable_gradient_checkpointing,
     optimizer_groups,
 )
 

@@ -22,7 +22,8 @@ from vgt_core.errors import VGTError
 from vgt_core.pipeline import VGTPipeline
 from vgt_core.repa import build_repa_teacher, repa_targets
 from vgt_core.training.autoencoder import _named_dataset, model_folder
-from vgt_core.training.run import ScheduledEMA, TrainingRun, cosine_with_warmup, enable_gradient_checkpointing, optimizer_groups
+from vgt_core.checkpointing import enable_gradient_checkpointing
+from vgt_core.training.run import ScheduledEMA, TrainingRun, cosine_with_warmup, optimizer_groups
 
 
 def train_generator(

@@ -57,15 +57,6 @@ def cosine_with_warmup(optimizer: torch.optim.Optimizer, warmup: int, total: int
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def enable_gradient_checkpointing(module: nn.Module) -> None:
-    """Turn on activation checkpointing in every transformers/diffusers part that supports it."""
-    for sub in module.modules():
-        if hasattr(sub, "gradient_checkpointing_enable") and getattr(sub, "supports_gradient_checkpointing", False):
-            sub.gradient_checkpointing_enable()
-        elif hasattr(sub, "gradient_checkpointing") and isinstance(sub.gradient_checkpointing, bool):
-            sub.gradient_checkpointing = True
-
-
 class ScheduledEMA(EMAModel):
     """diffusers' EMA with upstream's schedule as an option: the average is a copy of the weights until step
     ``start``, then decays at ``decay``, constant (upstream, mmengine's momentum) or ramped in as

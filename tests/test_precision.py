@@ -1,0 +1,55 @@
+"""Generation in bfloat16/float16: weights stored in the dtype, images finite and close to float32's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from vgt_core.cli import main
+from vgt_core.compose import build
+from vgt_core.config import GenerationConfig
+from vgt_core.pipeline import VGTPipeline, resolve_dtype
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory):
+    torch.manual_seed(0)
+    ae, gen = build("tiny-internvl3")
+    folder = tmp_path_factory.mktemp("pipe") / "model"
+    VGTPipeline(ae, gen, GenerationConfig(num_sampling_steps=2, guidance_scale=2.0, tokens_per_step=16)).save_pretrained(folder)
+    return folder
+
+
+def test_bfloat16_pipeline_holds_bf16_weights_and_makes_finite_images(model_folder):
+    reference = VGTPipeline.from_pretrained(model_folder, dtype="float32")
+    pipe = VGTPipeline.from_pretrained(model_folder, dtype="bfloat16")
+    for model in (pipe.autoencoder, pipe.generator):
+        assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    # buffers (normalisation constants, rotary frequencies) stay float32, as transformers keeps them
+    assert pipe.autoencoder.encoder.mean.dtype == torch.float32
+    expected = reference(["a red circle"], output_type="pt", seed=0, progress=False)
+    got = pipe(["a red circle"], output_type="pt", seed=0, progress=False)
+    assert got.dtype == torch.float32 and got.shape == expected.shape
+    assert torch.isfinite(got).all()
+    assert (got - expected).abs().mean() < 0.05  # the same image, up to bf16 rounding
+
+
+def test_default_dtype_is_bf16_on_a_capable_gpu_and_float32_on_cpu(monkeypatch):
+    assert resolve_dtype(None, "cpu") == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_dtype(None, "cuda") == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert resolve_dtype(None, "cuda:0") == torch.float32
+    with pytest.raises(ValueError, match="float32, bfloat16, float16"):
+        resolve_dtype("bf16", "cpu")
+
+
+def test_cli_generate_dtype(model_folder, tmp_path, capsys):
+    out = tmp_path / "x.png"
+    assert main(["generate", "--model", str(model_folder), "--prompt", "a square", "--out", str(out), "--dtype", "float16", "--quiet"]) == 0
+    assert Image.open(out).size == (64, 64)
+    with pytest.raises(SystemExit):
+        main(["generate", "--model", str(model_folder), "--prompt", "a", "--out", str(out), "--dtype", "bf16"])
+    assert "invalid choice: 'bf16'" in capsys.readouterr().err
