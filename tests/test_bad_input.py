@@ -3,6 +3,8 @@ its fix."""
 
 from __future__ import annotations
 
+from vgt_core.serialization import RUN_KIND, prepare_output
+
 import io
 import json
 import os
@@ -286,7 +288,7 @@ def _run(out, preset=None, resume=True):
 
 def test_a_half_written_log_line_does_not_block_resume(tmp_path):
     out = tmp_path / "run"
-    out.mkdir()
+    prepare_output(out, RUN_KIND).release()  # an earlier run's folder
     (out / "log.jsonl").write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.5}\n{"step": 3, "lo')
     run = _run(out)
     (out / "log.jsonl").write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.5}\n{"step": 3, "lo')
@@ -296,6 +298,7 @@ def test_a_half_written_log_line_does_not_block_resume(tmp_path):
 
 def test_a_new_run_drops_a_dead_runs_log_and_temporary_folders(tmp_path):
     out = tmp_path / "run"
+    prepare_output(out, RUN_KIND).release()  # an earlier run's folder
     for leftover in (out / ".tmp-model-1234abcd", out / "checkpoints" / ".tmp-step-00000002", out / "user" / ".tmp-mine"):
         leftover.mkdir(parents=True)
         (leftover / "f").write_text("x")

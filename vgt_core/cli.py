@@ -137,9 +137,11 @@ def cmd_eval_recon(args: argparse.Namespace) -> None:
 def cmd_cache_latents(args: argparse.Namespace) -> None:
     from vgt_core.autoencoder import VGTAutoencoder
     from vgt_core.data import open_dataset
-    from vgt_core.latents import cache_latents, process_state
+    from vgt_core.latents import FORMAT, cache_latents, process_state
+    from vgt_core.serialization import check_output
     from vgt_core.training.autoencoder import model_folder
 
+    check_output(Path(args.out), FORMAT, "replace")  # before any work; checked again when the cache is written
     state = process_state()  # one process, or one rank of `accelerate launch` / `torchrun`: each on its own device
     ae = VGTAutoencoder.from_pretrained(model_folder(args.autoencoder), map_location=state.device)
     manifest = cache_latents(
