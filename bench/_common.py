@@ -100,6 +100,31 @@ def interleaved(settings: dict[str, Callable[[], Any]], repeats: int, device: st
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def thread_comparison(fn: Callable[[], Any], repeats: int, label: str) -> dict[str, float]:
+    """Median seconds of ``fn`` at 1 thread and at one thread per core, interleaved; torch's setting is restored.
+
+    On a shared machine small ops that open a parallel region (LayerNorm) can wait a scheduler slice for the
+    busy core each time: the slow-down this prints is what ``--threads 0`` (torch's default) costs there."""
+    chosen, cores = torch.get_num_threads(), os.cpu_count() or 1
+
+    def at(n: int) -> Callable[[], Any]:
+        def run() -> Any:
+            torch.set_num_threads(n)
+            return fn()
+
+        return run
+
+    try:
+        median = interleaved({"1": at(1), str(cores): at(cores)}, repeats)
+    finally:
+        torch.set_num_threads(chosen)
+    ratio = median[str(cores)] / median["1"]
+    print(f"threads, {label}: 1 thread {median['1']:.3f} s, {cores} threads {median[str(cores)]:.3f} s: "
+          f"{cores} threads take {ratio:.2f}x the time of 1")
+    return {"seconds_1_thread": round(median["1"], 4), f"seconds_{cores}_threads": round(median[str(cores)], 4),
+            f"slowdown_{cores}_threads_vs_1": round(ratio, 3)}
+
+
 def preset(name: str, overrides: dict[str, Any] | None = None):
     """A preset of registry.yaml with dotted overrides (e.g. ``{"generator.max_grid": 16}``)."""
     from vgt_core.config import load_presets

@@ -15,6 +15,7 @@ matter more than any setting here on a busy machine. Weights are random: speed d
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from _common import interleaved, parser, setup, tiny_generator, write_json  # noqa: E402
+from _common import interleaved, parser, setup, thread_comparison, tiny_generator, write_json  # noqa: E402
 
 PROMPT = "a photo of a red circle"
 
@@ -70,7 +71,8 @@ def main() -> None:
     median = interleaved(settings, args.repeats, args.device, warmup=False)
 
     threads: dict[str, float] = {}
-    if args.device == "cpu" and _all_cores() > 1:
+    if args.device == "cpu" and (os.cpu_count() or 1) > 1:
+        print()
         threads = _thread_comparison(qar, base, args)
 
     print(f"\n{'setting':<26} {'s / call':>9} {'images/s':>9} {'cache x':>8} {'vs m=1':>7}")
@@ -107,32 +109,13 @@ def main() -> None:
     write_json(args.json, result)
 
 
-def _all_cores() -> int:
-    import os
-
-    return os.cpu_count() or 1
-
-
 def _thread_comparison(gen, base, args) -> dict[str, float]:
-    """One QueryAR call (8x8 latent or smaller, batch 1, m = 1, cached) at 1 thread and at all cores, interleaved."""
-    chosen, cores = torch.get_num_threads(), _all_cores()
+    """One QueryAR call (8x8 latent or smaller, batch 1, m = 1, cached) at 1 thread and at all cores."""
     config = base.model_copy(update={"tokens_per_step": 1, "use_cache": True})
     side = min(8, args.grid)
-
-    def at(n: int):
-        def run() -> None:
-            torch.set_num_threads(n)
-            gen.generate([PROMPT], (side, side), config)
-
-        return run
-
-    median = interleaved({"1 thread": at(1), f"{cores} threads": at(cores)}, args.repeats, args.device)
-    torch.set_num_threads(chosen)
-    ratio = median[f"{cores} threads"] / median["1 thread"]
-    print(f"\nthreads ({side * side} tokens, batch 1, m=1, cached): 1 thread {median['1 thread']:.3f} s, {cores} threads "
-          f"{median[f'{cores} threads']:.3f} s: {cores} threads take {ratio:.2f}x the time of 1")
-    return {"tokens": side * side, "seconds_1_thread": round(median["1 thread"], 4), f"seconds_{cores}_threads": round(median[f"{cores} threads"], 4),
-            f"slowdown_{cores}_threads_vs_1": round(ratio, 3)}
+    label = f"QueryAR generate, {side * side} tokens, batch 1, m=1, cached"
+    out = thread_comparison(lambda: gen.generate([PROMPT], (side, side), config), args.repeats, label)
+    return {"tokens": side * side, **out}
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ What is compared, exactly:
   weights, as the preset) + distillation MSE to a frozen copy of the encoder, ``backward``, ``step``, ``zero_grad``.
   No clipping, schedule, EMA, logging or loader.
 
+On a CPU with several cores it also times the bare AR loop (15 steps) at 1 thread against one per core.
+
 ``overhead_ratio`` = median library step / median bare step (AR), ``ae_overhead_ratio`` the same for stage 1. Runs
 alternate library and bare ``--repeats`` times; each ratio is of medians over all timed steps. ``--profile`` adds a
 cProfile of one library AR run (the functions where the step's time goes).
@@ -28,6 +30,7 @@ cProfile of one library AR run (the functions where the step's time goes).
 from __future__ import annotations
 
 import copy
+import os
 import cProfile
 import io
 import pstats
@@ -44,7 +47,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from _common import parser, preset, setup, write_json  # noqa: E402
+from _common import parser, preset, setup, thread_comparison, write_json  # noqa: E402
 
 # -- step timestamps of the library's loops ------------------------------------------------------------------------
 
@@ -234,12 +237,24 @@ def main() -> None:
         print(f"{args.preset}: AR batch {ar_batch} ({tuple(ar_first['latents'].shape[1:])} latents), {args.ar_steps} steps a run; "
               f"AE stage 1 batch {ae_batch} ({ae.image_size} px), {args.ae_steps} steps a run, GAN {'on' if args.gan else 'off'}; "
               f"first {args.skip} steps of each run untimed; {args.repeats} rounds")
+        rounds: list[dict[str, float]] = []
         for r in range(args.repeats):
-            times["ar library"] += ar_library(p, work / "ae", work / "cache", args.ar_steps, args.skip, work)[0]
-            times["ar bare"] += ar_bare(p, work / "ae", ar_first, args.ar_steps, args.skip)
-            times["ae library"] += ae_library(p, data, args.ae_steps, args.skip, work)
-            times["ae bare"] += ae_bare(p, ae_images, args.ae_steps, args.skip)
-            print(f"round {r + 1}: " + ", ".join(f"{k} {statistics.median(v) * 1e3:.1f} ms" for k, v in times.items()), flush=True)
+            now = {
+                "ar library": ar_library(p, work / "ae", work / "cache", args.ar_steps, args.skip, work)[0],
+                "ar bare": ar_bare(p, work / "ae", ar_first, args.ar_steps, args.skip),
+                "ae library": ae_library(p, data, args.ae_steps, args.skip, work),
+                "ae bare": ae_bare(p, ae_images, args.ae_steps, args.skip),
+            }
+            for k, v in now.items():
+                times[k] += v
+            rounds.append({"ar": statistics.median(now["ar library"]) / statistics.median(now["ar bare"]),
+                           "ae": statistics.median(now["ae library"]) / statistics.median(now["ae bare"])})
+            print(f"round {r + 1} (medians, ms): " + ", ".join(f"{k} {statistics.median(v) * 1e3:.1f}" for k, v in now.items())
+                  + f"; ratios AR {rounds[-1]['ar']:.3f}, AE {rounds[-1]['ae']:.3f}", flush=True)
+        threads: dict[str, float] = {}
+        if (os.cpu_count() or 1) > 1:  # the bare AR loop (15 steps) at 1 thread and at all cores
+            print()
+            threads = thread_comparison(lambda: ar_bare(p, work / "ae", ar_first, 15, 0), args.repeats, "bare AR loop, 15 steps")
         profile = ar_library(p, work / "ae", work / "cache", args.ar_steps, args.skip, work, profile=True)[1] if args.profile else ""
 
     median = {k: statistics.median(v) for k, v in times.items()}
@@ -257,6 +272,8 @@ def main() -> None:
         "ms_per_step": {k: round(v * 1e3, 3) for k, v in median.items()},
         "overhead_ratio": round(median["ar library"] / median["ar bare"], 3),
         "ae_overhead_ratio": round(median["ae library"] / median["ae bare"], 3),
+        "thread_comparison": threads,
+        "ratios_per_round": [{k: round(v, 3) for k, v in r.items()} for r in rounds],
     }
     print(f"\noverhead_ratio (AR library / bare): {result['overhead_ratio']}\nae_overhead_ratio (AE stage 1 library / bare): {result['ae_overhead_ratio']}")
     if profile:
