@@ -5,7 +5,8 @@
 What is compared, exactly:
 
 * **library**: ``vgt_core.training.autoregressive.train_generator`` (VGT-AR) and ``...autoencoder.train_autoencoder``
-  (VGT-AE stage 1), run for N steps on the CPU (accelerate, mixed precision "auto" = fp32 there). The loop body is
+  (VGT-AE stage 1), run for N steps where accelerate puts them (mixed precision "auto": fp32 on a CPU, bf16 on a
+  GPU that has it; the bare loop autocasts the same way). The loop body is
   not a function of its own, so the script times it from outside: ``TrainingRun.advance`` (called once per step,
   after the optimizer step and EMA) is wrapped to record a timestamp, and the seconds between consecutive steps
   after the first ``--skip`` are the step times. Setup (model build, accelerate, loader) and the final checkpoint
@@ -47,7 +48,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from _common import parser, preset, setup, thread_comparison, write_json  # noqa: E402
+from _common import parser, preset, setup, synchronize, thread_comparison, write_json  # noqa: E402
 
 # -- step timestamps of the library's loops ------------------------------------------------------------------------
 
@@ -70,6 +71,13 @@ def _record_steps() -> None:
 def _step_times(stamps: list[float], skip: int) -> list[float]:
     """Seconds of steps skip+1 .. N from the end-of-step stamps of steps 1 .. N."""
     return [b - a for a, b in zip(stamps[skip - 1 :], stamps[skip:])] if skip >= 1 else [b - a for a, b in zip(stamps, stamps[1:])]
+
+
+def _autocast(device: str, setting: str):
+    """The precision the library's trainer resolves ``setting`` to (bf16 on a GPU that has it, fp32 on a CPU)."""
+    from vgt_core.training.run import mixed_precision
+
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=mixed_precision(setting) == "bf16")
 
 
 # -- data ---------------------------------------------------------------------------------------------------------
@@ -103,23 +111,25 @@ def ar_library(p, ae_dir: Path, cache: Path, steps: int, skip: int, work: Path, 
     return _step_times(STAMPS, skip), report
 
 
-def ar_bare(p, ae_dir: Path, batch: dict[str, Any], steps: int, skip: int) -> list[float]:
+def ar_bare(p, ae_dir: Path, batch: dict[str, Any], steps: int, skip: int, device: str = "cpu") -> list[float]:
     from vgt_core.autoencoder import VGTAutoencoder
     from vgt_core.compose import build_generator
 
     cfg = p.train_ar
     torch.manual_seed(cfg.seed)
     ae = VGTAutoencoder.from_pretrained(ae_dir)
-    gen = build_generator(p, ae).train()
+    gen = build_generator(p, ae).to(device).train()
     optimizer = torch.optim.AdamW(gen.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    latents, captions = batch["latents"], batch["captions"]
+    latents, captions = batch["latents"].to(device), batch["captions"]
     stamps = [time.perf_counter()]
     for _ in range(steps):
-        uncond = torch.rand(len(captions)) < cfg.prompt_dropout
-        loss = gen(latents, captions, uncond)
+        uncond = torch.rand(len(captions), device=device) < cfg.prompt_dropout
+        with _autocast(device, cfg.mixed_precision):
+            loss = gen(latents, captions, uncond)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        synchronize(device)
         stamps.append(time.perf_counter())
     return _step_times(stamps[1:], skip)
 
@@ -135,13 +145,13 @@ def ae_library(p, data: list[dict[str, Any]], steps: int, skip: int, work: Path)
     return _step_times(STAMPS, skip)
 
 
-def ae_bare(p, images: torch.Tensor, steps: int, skip: int) -> list[float]:
+def ae_bare(p, images: torch.Tensor, steps: int, skip: int, device: str = "cpu") -> list[float]:
     from vgt_core.compose import build_autoencoder
     from vgt_core.losses import PerceptualLoss
 
     cfg = p.train_ae.stage1
     torch.manual_seed(cfg.seed)
-    ae = build_autoencoder(p)
+    ae = build_autoencoder(p).to(device)
     ae.set_latent_regularization(cfg.latent_norm, cfg.noise_sigma)
     teacher = copy.deepcopy(ae.encoder).requires_grad_(False).eval()
     perceptual = (
@@ -156,6 +166,9 @@ def ae_bare(p, images: torch.Tensor, steps: int, skip: int) -> list[float]:
         if cfg.perceptual_weight > 0
         else None
     )
+    if perceptual is not None:
+        perceptual.to(device)
+    images = images.to(device)
     if cfg.encoder_lr_mult == 0:
         ae.encoder.requires_grad_(False)
     encoder = [q for q in ae.encoder.parameters() if q.requires_grad]
@@ -166,18 +179,20 @@ def ae_bare(p, images: torch.Tensor, steps: int, skip: int) -> list[float]:
     ae.train()
     stamps = [time.perf_counter()]
     for _ in range(steps):
-        out = ae(images)
-        recon = out["reconstruction"]
+        with _autocast(device, cfg.mixed_precision):
+            out = ae(images)
+        recon = out["reconstruction"].float()
         loss = cfg.mse_weight * F.mse_loss(recon, images)
         if perceptual is not None:
             loss = loss + cfg.perceptual_weight * perceptual(recon, images)["perceptual"]
         if cfg.distill_weight > 0:
             with torch.no_grad():
                 target = teacher(images)
-            loss = loss + cfg.distill_weight * F.mse_loss(out["features"], target)
+            loss = loss + cfg.distill_weight * F.mse_loss(out["features"].float(), target.float())
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        synchronize(device)
         stamps.append(time.perf_counter())
     return _step_times(stamps[1:], skip)
 
@@ -195,8 +210,11 @@ def main() -> None:
     ap.add_argument("--gan", action="store_true", help="AE: keep the preset's GAN term on from the first step (default: off)")
     ap.add_argument("--profile", action="store_true", help="print a cProfile of one extra library AR run (top 20 by own time)")
     args = ap.parse_args()
-    if args.device != "cpu":
-        ap.error("train_step.py times the CPU loops (the library picks its device through accelerate)")
+    # The library's trainers run where accelerate puts them (the GPU when there is one): the bare loops follow.
+    accelerate_device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device != accelerate_device:
+        ap.error(f"--device {args.device}: the library's trainers run on {accelerate_device} here (accelerate's choice)")
+    dev = args.device
     info = setup(args)
     _record_steps()
 
@@ -231,9 +249,9 @@ def main() -> None:
         times: dict[str, list[float]] = {"ar library": [], "ar bare": [], "ae library": [], "ae bare": []}
         # warm-up: one short run of each (kernels, allocator, imports), not timed
         ar_library(p, work / "ae", work / "cache", args.skip + 2, args.skip, work)
-        ar_bare(p, work / "ae", ar_first, args.skip + 2, args.skip)
+        ar_bare(p, work / "ae", ar_first, args.skip + 2, args.skip, dev)
         ae_library(p, data, args.skip + 2, args.skip, work)
-        ae_bare(p, ae_images, args.skip + 2, args.skip)
+        ae_bare(p, ae_images, args.skip + 2, args.skip, dev)
         print(f"{args.preset}: AR batch {ar_batch} ({tuple(ar_first['latents'].shape[1:])} latents), {args.ar_steps} steps a run; "
               f"AE stage 1 batch {ae_batch} ({ae.image_size} px), {args.ae_steps} steps a run, GAN {'on' if args.gan else 'off'}; "
               f"first {args.skip} steps of each run untimed; {args.repeats} rounds")
@@ -241,9 +259,9 @@ def main() -> None:
         for r in range(args.repeats):
             now = {
                 "ar library": ar_library(p, work / "ae", work / "cache", args.ar_steps, args.skip, work)[0],
-                "ar bare": ar_bare(p, work / "ae", ar_first, args.ar_steps, args.skip),
+                "ar bare": ar_bare(p, work / "ae", ar_first, args.ar_steps, args.skip, dev),
                 "ae library": ae_library(p, data, args.ae_steps, args.skip, work),
-                "ae bare": ae_bare(p, ae_images, args.ae_steps, args.skip),
+                "ae bare": ae_bare(p, ae_images, args.ae_steps, args.skip, dev),
             }
             for k, v in now.items():
                 times[k] += v
@@ -252,7 +270,7 @@ def main() -> None:
             print(f"round {r + 1} (medians, ms): " + ", ".join(f"{k} {statistics.median(v) * 1e3:.1f}" for k, v in now.items())
                   + f"; ratios AR {rounds[-1]['ar']:.3f}, AE {rounds[-1]['ae']:.3f}", flush=True)
         threads: dict[str, float] = {}
-        if (os.cpu_count() or 1) > 1:  # the bare AR loop (15 steps) at 1 thread and at all cores
+        if dev == "cpu" and (os.cpu_count() or 1) > 1:  # the bare AR loop (15 steps) at 1 thread and at all cores
             print()
             threads = thread_comparison(lambda: ar_bare(p, work / "ae", ar_first, 15, 0), args.repeats, "bare AR loop, 15 steps")
         profile = ar_library(p, work / "ae", work / "cache", args.ar_steps, args.skip, work, profile=True)[1] if args.profile else ""
