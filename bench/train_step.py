@@ -1,0 +1,303 @@
+"""Training-step overhead: the library's training loops against a bare PyTorch loop on the same model and batch.
+
+    python bench/train_step.py [--preset tiny-internvl3] [--ar-steps 40] [--ae-steps 12] [--repeats 3] [--gan] [--json OUT]
+
+What is compared, exactly:
+
+* **library**: ``vgt_core.training.autoregressive.train_generator`` (VGT-AR) and ``...autoencoder.train_autoencoder``
+  (VGT-AE stage 1), run for N steps where accelerate puts them (mixed precision "auto": fp32 on a CPU, bf16 on a
+  GPU that has it; the bare loop autocasts the same way). The loop body is
+  not a function of its own, so the script times it from outside: ``TrainingRun.advance`` (called once per step,
+  after the optimizer step and EMA) is wrapped to record a timestamp, and the seconds between consecutive steps
+  after the first ``--skip`` are the step times. Setup (model build, accelerate, loader) and the final checkpoint
+  are outside them; a step's time includes everything the trainer does per step: the data loader (AR: the latent
+  cache read from a folder; AE: images held in memory, transformed per item as any dataset is), per-sample random
+  draws (``SampleDraws``), prompt dropout, forward and loss, backward, ``float(loss)``, gradient clipping, AdamW,
+  the LR schedule, the EMA, and the log every ``log_every`` steps. Sample images and checkpoints fall on no
+  timed step (``sample_count`` 0, checkpoints only at the end).
+* **bare**: a loop written here: the same model (built by the same functions from the same seed), the same first
+  batch held as tensors, AdamW with the same settings; per step AR: ``loss = gen(latents, captions, uncond)`` (the
+  global RNG), ``backward``, ``step``, ``zero_grad``; AE: forward, MSE + the library's ``PerceptualLoss`` (random
+  weights, as the preset) + distillation MSE to a frozen copy of the encoder, ``backward``, ``step``, ``zero_grad``.
+  No clipping, schedule, EMA, logging or loader.
+
+On a CPU with several cores it also times the bare AR loop (15 steps) at 1 thread against one per core.
+
+``overhead_ratio`` = median library step / median bare step (AR), ``ae_overhead_ratio`` the same for stage 1. Runs
+alternate library and bare ``--repeats`` times; each ratio is of medians over all timed steps. ``--profile`` adds a
+cProfile of one library AR run (the functions where the step's time goes).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import cProfile
+import io
+import pstats
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from _common import parser, preset, setup, synchronize, thread_comparison, write_json  # noqa: E402
+
+# -- step timestamps of the library's loops ------------------------------------------------------------------------
+
+STAMPS: list[float] = []
+
+
+def _record_steps() -> None:
+    """Wrap ``TrainingRun.advance`` (one call per finished step) to record when each step ends."""
+    from vgt_core.training.run import TrainingRun
+
+    original = TrainingRun.advance
+
+    def advance(self, scalars=None):
+        STAMPS.append(time.perf_counter())
+        return original(self, scalars)
+
+    TrainingRun.advance = advance
+
+
+def _step_times(stamps: list[float], skip: int) -> list[float]:
+    """Seconds of steps skip+1 .. N from the end-of-step stamps of steps 1 .. N."""
+    return [b - a for a, b in zip(stamps[skip - 1 :], stamps[skip:])] if skip >= 1 else [b - a for a, b in zip(stamps, stamps[1:])]
+
+
+def _autocast(device: str, setting: str):
+    """The precision the library's trainer resolves ``setting`` to (bf16 on a GPU that has it, fp32 on a CPU)."""
+    from vgt_core.training.run import mixed_precision
+
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=mixed_precision(setting) == "bf16")
+
+
+# -- data ---------------------------------------------------------------------------------------------------------
+
+
+def _images(count: int, size: int) -> list[dict[str, Any]]:
+    """In-memory PIL images with captions (random pixels: speed does not depend on content)."""
+    g = torch.Generator().manual_seed(0)
+    pixels = (torch.rand(count, size, size, 3, generator=g) * 255).to(torch.uint8).numpy()
+    return [{"image": Image.fromarray(p), "caption": f"a photo of object {i}"} for i, p in enumerate(pixels)]
+
+
+# -- AR --------------------------------------------------------------------------------------------------------------
+
+
+def ar_library(p, ae_dir: Path, cache: Path, steps: int, skip: int, work: Path, profile: bool = False) -> tuple[list[float], str]:
+    from vgt_core.training.autoregressive import train_generator
+
+    STAMPS.clear()
+    out = Path(tempfile.mkdtemp(dir=work))
+    run = lambda: train_generator(p, ae_dir, out, data=str(cache), steps=steps, progress=False)  # noqa: E731
+    report = ""
+    if profile:
+        prof = cProfile.Profile()
+        prof.runcall(run)
+        text = io.StringIO()
+        pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(20)
+        report = text.getvalue()
+    else:
+        run()
+    return _step_times(STAMPS, skip), report
+
+
+def ar_bare(p, ae_dir: Path, batch: dict[str, Any], steps: int, skip: int, device: str = "cpu") -> list[float]:
+    from vgt_core.autoencoder import VGTAutoencoder
+    from vgt_core.compose import build_generator
+
+    cfg = p.train_ar
+    torch.manual_seed(cfg.seed)
+    ae = VGTAutoencoder.from_pretrained(ae_dir)
+    gen = build_generator(p, ae).to(device).train()
+    optimizer = torch.optim.AdamW(gen.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    latents, captions = batch["latents"].to(device), batch["captions"]
+    stamps = [time.perf_counter()]
+    for _ in range(steps):
+        uncond = torch.rand(len(captions), device=device) < cfg.prompt_dropout
+        with _autocast(device, cfg.mixed_precision):
+            loss = gen(latents, captions, uncond)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        synchronize(device)
+        stamps.append(time.perf_counter())
+    return _step_times(stamps[1:], skip)
+
+
+# -- AE stage 1 ------------------------------------------------------------------------------------------------------
+
+
+def ae_library(p, data: list[dict[str, Any]], steps: int, skip: int, work: Path) -> list[float]:
+    from vgt_core.training.autoencoder import train_autoencoder
+
+    STAMPS.clear()
+    train_autoencoder(p, Path(tempfile.mkdtemp(dir=work)), stage=1, data=data, steps=steps, progress=False)
+    return _step_times(STAMPS, skip)
+
+
+def ae_bare(p, images: torch.Tensor, steps: int, skip: int, device: str = "cpu") -> list[float]:
+    from vgt_core.compose import build_autoencoder
+    from vgt_core.losses import PerceptualLoss
+
+    cfg = p.train_ae.stage1
+    torch.manual_seed(cfg.seed)
+    ae = build_autoencoder(p).to(device)
+    ae.set_latent_regularization(cfg.latent_norm, cfg.noise_sigma)
+    teacher = copy.deepcopy(ae.encoder).requires_grad_(False).eval()
+    perceptual = (
+        PerceptualLoss(
+            cfg.perceptual_net,
+            cfg.perceptual_backbone,
+            convnext_weight=cfg.convnext_weight,
+            convnext_model=cfg.convnext_model,
+            convnext_weights=cfg.convnext_weights,
+            convnext_size=cfg.convnext_size,
+        )
+        if cfg.perceptual_weight > 0
+        else None
+    )
+    if perceptual is not None:
+        perceptual.to(device)
+    images = images.to(device)
+    if cfg.encoder_lr_mult == 0:
+        ae.encoder.requires_grad_(False)
+    encoder = [q for q in ae.encoder.parameters() if q.requires_grad]
+    ids = {id(q) for q in ae.encoder.parameters()}
+    rest = [q for q in ae.parameters() if id(q) not in ids and q.requires_grad]
+    groups = [{"params": rest}] + ([{"params": encoder, "lr": cfg.lr * cfg.encoder_lr_mult}] if encoder else [])
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    ae.train()
+    stamps = [time.perf_counter()]
+    for _ in range(steps):
+        with _autocast(device, cfg.mixed_precision):
+            out = ae(images)
+        recon = out["reconstruction"].float()
+        loss = cfg.mse_weight * F.mse_loss(recon, images)
+        if perceptual is not None:
+            loss = loss + cfg.perceptual_weight * perceptual(recon, images)["perceptual"]
+        if cfg.distill_weight > 0:
+            with torch.no_grad():
+                target = teacher(images)
+            loss = loss + cfg.distill_weight * F.mse_loss(out["features"].float(), target.float())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        synchronize(device)
+        stamps.append(time.perf_counter())
+    return _step_times(stamps[1:], skip)
+
+
+# -- main ------------------------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    ap = parser(__doc__, repeats=3)
+    ap.add_argument("--preset", default="tiny-internvl3")
+    ap.add_argument("--ar-steps", type=int, default=40, help="steps per AR run (default 40)")
+    ap.add_argument("--ae-steps", type=int, default=12, help="steps per AE stage-1 run (default 12)")
+    ap.add_argument("--skip", type=int, default=3, help="first steps of each run left out of the timing (default 3)")
+    ap.add_argument("--batch", type=int, default=None, help="batch size (default: the preset's train_ar / stage-1 batch)")
+    ap.add_argument("--gan", action="store_true", help="AE: keep the preset's GAN term on from the first step (default: off)")
+    ap.add_argument("--profile", action="store_true", help="print a cProfile of one extra library AR run (top 20 by own time)")
+    args = ap.parse_args()
+    # The library's trainers run where accelerate puts them (the GPU when there is one): the bare loops follow.
+    accelerate_device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device != accelerate_device:
+        ap.error(f"--device {args.device}: the library's trainers run on {accelerate_device} here (accelerate's choice)")
+    dev = args.device
+    info = setup(args)
+    _record_steps()
+
+    from vgt_core.compose import build_autoencoder
+    from vgt_core.data import open_dataset
+    from vgt_core.latents import LatentDataset, cache_latents
+
+    quiet = {"log_every": 20, "sample_every": 10**6, "checkpoint_every": 10**6}
+    overrides: dict[str, Any] = {f"train_ar.{k}": v for k, v in quiet.items()}
+    overrides["train_ar.sample_count"] = 0
+    overrides.update({f"train_ae.stage1.{k}": v for k, v in quiet.items()})
+    if args.gan:
+        overrides["train_ae.stage1.gan_start"] = 0
+    else:
+        overrides["train_ae.stage1.gan_weight"] = 0.0
+    if args.batch:
+        overrides["train_ar.batch_size"] = overrides["train_ae.stage1.batch_size"] = args.batch
+    p = preset(args.preset, overrides)
+    ar_batch, ae_batch = p.train_ar.batch_size, p.train_ae.stage1.batch_size
+
+    with tempfile.TemporaryDirectory(prefix="vgt-bench-") as tmp:
+        work = Path(tmp)
+        torch.manual_seed(0)
+        ae = build_autoencoder(p).eval()
+        ae.save_pretrained(work / "ae")
+        data = _images(max(ar_batch, ae_batch) * 4, ae.image_size)
+        cache_latents(ae, open_dataset(data, ae.image_size), work / "cache", batch_size=ar_batch, progress=False)
+        cached = LatentDataset(work / "cache")
+        ar_first = {"latents": torch.stack([cached[i]["latents"] for i in range(ar_batch)]), "captions": [cached[i]["caption"] for i in range(ar_batch)]}
+        ae_images = torch.stack([open_dataset(data, ae.image_size)[i]["image"] for i in range(ae_batch)])
+
+        times: dict[str, list[float]] = {"ar library": [], "ar bare": [], "ae library": [], "ae bare": []}
+        # warm-up: one short run of each (kernels, allocator, imports), not timed
+        ar_library(p, work / "ae", work / "cache", args.skip + 2, args.skip, work)
+        ar_bare(p, work / "ae", ar_first, args.skip + 2, args.skip, dev)
+        ae_library(p, data, args.skip + 2, args.skip, work)
+        ae_bare(p, ae_images, args.skip + 2, args.skip, dev)
+        print(f"{args.preset}: AR batch {ar_batch} ({tuple(ar_first['latents'].shape[1:])} latents), {args.ar_steps} steps a run; "
+              f"AE stage 1 batch {ae_batch} ({ae.image_size} px), {args.ae_steps} steps a run, GAN {'on' if args.gan else 'off'}; "
+              f"first {args.skip} steps of each run untimed; {args.repeats} rounds")
+        rounds: list[dict[str, float]] = []
+        for r in range(args.repeats):
+            now = {
+                "ar library": ar_library(p, work / "ae", work / "cache", args.ar_steps, args.skip, work)[0],
+                "ar bare": ar_bare(p, work / "ae", ar_first, args.ar_steps, args.skip, dev),
+                "ae library": ae_library(p, data, args.ae_steps, args.skip, work),
+                "ae bare": ae_bare(p, ae_images, args.ae_steps, args.skip, dev),
+            }
+            for k, v in now.items():
+                times[k] += v
+            rounds.append({"ar": statistics.median(now["ar library"]) / statistics.median(now["ar bare"]),
+                           "ae": statistics.median(now["ae library"]) / statistics.median(now["ae bare"])})
+            print(f"round {r + 1} (medians, ms): " + ", ".join(f"{k} {statistics.median(v) * 1e3:.1f}" for k, v in now.items())
+                  + f"; ratios AR {rounds[-1]['ar']:.3f}, AE {rounds[-1]['ae']:.3f}", flush=True)
+        threads: dict[str, float] = {}
+        if dev == "cpu" and (os.cpu_count() or 1) > 1:  # the bare AR loop (15 steps) at 1 thread and at all cores
+            print()
+            threads = thread_comparison(lambda: ar_bare(p, work / "ae", ar_first, 15, 0), args.repeats, "bare AR loop, 15 steps")
+        profile = ar_library(p, work / "ae", work / "cache", args.ar_steps, args.skip, work, profile=True)[1] if args.profile else ""
+
+    median = {k: statistics.median(v) for k, v in times.items()}
+    print(f"\n{'loop':<12} {'ms / step':>10} {'steps timed':>12}")
+    for k, v in median.items():
+        print(f"{k:<12} {v * 1e3:>10.2f} {len(times[k]):>12}")
+    result = {
+        **info,
+        "script": "bench/train_step.py",
+        "command": " ".join(sys.argv),
+        "preset": args.preset,
+        "ar_batch": ar_batch,
+        "ae_batch": ae_batch,
+        "gan": args.gan,
+        "ms_per_step": {k: round(v * 1e3, 3) for k, v in median.items()},
+        "overhead_ratio": round(median["ar library"] / median["ar bare"], 3),
+        "ae_overhead_ratio": round(median["ae library"] / median["ae bare"], 3),
+        "thread_comparison": threads,
+        "ratios_per_round": [{k: round(v, 3) for k, v in r.items()} for r in rounds],
+    }
+    print(f"\noverhead_ratio (AR library / bare): {result['overhead_ratio']}\nae_overhead_ratio (AE stage 1 library / bare): {result['ae_overhead_ratio']}")
+    if profile:
+        print("\ncProfile of one library AR run (top 20 by own time):\n" + profile)
+    write_json(args.json, result)
+
+
+if __name__ == "__main__":
+    main()
