@@ -23,8 +23,19 @@ class DiffusersOptions(PretrainedOptions):
     subfolder: str | None = Field(None, description="subfolder of `pretrained` holding the autoencoder")
 
 
-def load_autoencoder(model_class: Any, options: DiffusersOptions) -> nn.Module:
+def diffusers_class(model_class: str | type) -> type:
+    """A diffusers model class, given by name so that registering a plugin does not import diffusers (seconds);
+    it is imported when a component is built."""
+    if not isinstance(model_class, str):
+        return model_class
+    import diffusers
+
+    return getattr(diffusers, model_class)
+
+
+def load_autoencoder(model_class: str | type, options: DiffusersOptions) -> nn.Module:
     """The whole autoencoder: pretrained weights, or the architecture of ``pretrained``/``config`` (random)."""
+    model_class = diffusers_class(model_class)
     if options.pretrained is not None and options.load_weights:
         return model_class.from_pretrained(
             options.pretrained, subfolder=options.subfolder, revision=options.revision,
@@ -67,12 +78,12 @@ def _checkpoint_call(module: nn.Module, *args: Any) -> Any:
     return checkpoint(module.__call__, *args, use_reentrant=False)
 
 
-def export_autoencoder(model_class: Any, ae_config: dict, options: DiffusersOptions, folder: Path) -> dict:
+def export_autoencoder(model_class: str | type, ae_config: dict, options: DiffusersOptions, folder: Path) -> dict:
     """Write the autoencoder's config into ``folder``; return options that rebuild it from there, no weights."""
     from vgt_core.serialization import write_json
 
     config = {k: v for k, v in ae_config.items() if not k.startswith("_")}
-    config["_class_name"] = model_class.__name__
+    config["_class_name"] = diffusers_class(model_class).__name__
     write_json(folder / "config.json", config)
     update = {"pretrained": ".", "subfolder": None, "config": None, "load_weights": False, "revision": None}
     return type(options).model_validate({**options.model_dump(), **update}).model_dump(mode="json")

@@ -31,7 +31,7 @@ class DiffusersDecoderOptions(DiffusersOptions):
 class DiffusersDecoder(nn.Module):
     """Base: subclasses set ``model_class`` and may adapt the loaded autoencoder in ``adapt``."""
 
-    model_class: ClassVar[Any]
+    model_class: ClassVar[str | type]  # a diffusers class or its name
 
     def __init__(self, options: DiffusersDecoderOptions):
         super().__init__()

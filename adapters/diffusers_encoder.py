@@ -31,7 +31,7 @@ class DiffusersEncoderOptions(DiffusersOptions):
 class DiffusersEncoder(nn.Module):
     """Base: subclasses set ``model_class`` and say how much the encoder downsamples and what it outputs."""
 
-    model_class: ClassVar[Any]
+    model_class: ClassVar[str | type]  # a diffusers class or its name
 
     def __init__(self, options: DiffusersEncoderOptions):
         super().__init__()

@@ -3,14 +3,13 @@ VGT's default pixel decoder (paper Table 4)."""
 
 from __future__ import annotations
 
-from diffusers import AutoencoderDC
 
 from vgt_adapters.diffusers_decoder import DiffusersDecoder, DiffusersDecoderOptions
 from vgt_core import hookimpl
 
 
 class DCAEDecoder(DiffusersDecoder):
-    model_class = AutoencoderDC
+    model_class = "AutoencoderDC"  # imported when built: registering stays fast
 
     def adapt(self, ae, latent_channels):
         if ae.config.latent_channels != latent_channels:

@@ -6,7 +6,6 @@ rest of the decoder keeps its pretrained weights), as the paper's Table 4 compar
 
 from __future__ import annotations
 
-from diffusers import AutoencoderKL
 from torch import nn
 
 from vgt_adapters.diffusers_decoder import DiffusersDecoder, DiffusersDecoderOptions
@@ -14,7 +13,7 @@ from vgt_core import hookimpl
 
 
 class SDVAEDecoder(DiffusersDecoder):
-    model_class = AutoencoderKL
+    model_class = "AutoencoderKL"  # imported when built: registering stays fast
 
     def adapt(self, ae, latent_channels):
         if ae.config.latent_channels != latent_channels:
