@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import gather_object
 from torchvision.utils import save_image
 
 from vgt_core.autoencoder import VGTAutoencoder
@@ -162,23 +163,25 @@ def train_generator(
 
 @torch.no_grad()
 def _save_samples(run: TrainingRun, step: int, gen: VGTGenerator, ae: VGTAutoencoder, captions: list[str], preset: Preset, cfg) -> None:
-    """Every process draws its share of ``cfg.sample_count`` captions (all take part, as FSDP needs); the main
-    process saves the grid. The settings are the model's generation defaults with ``cfg.sample_generation``."""
+    """Every process draws ``sample_count / processes`` of its own batch's captions (all take part, as FSDP needs);
+    the main process saves the grid of all. The settings are the model's generation defaults with
+    ``cfg.sample_generation``."""
     acc = run.accelerator
-    count = min(cfg.sample_count, len(captions))
-    per = -(-count // run.world)
-    mine = (captions * per * run.world)[run.rank * per : (run.rank + 1) * per]  # padded so every process draws `per`
+    per = -(-cfg.sample_count // run.world)
+    mine = (captions * per)[:per]  # repeated if this process's batch holds fewer
     was_training = gen.training
     gen.eval()
-    settings = preset.generation.model_copy(update={**cfg.sample_generation, "seed": step * run.world + run.rank})
+    settings = preset.generation.model_copy(update={**cfg.sample_generation, "seed": step * run.world * per + run.rank * per})
     latents = gen.generate(mine, ae.grid, settings)
     gen.train(was_training)
     images = ae.decode(latents.to(next(ae.parameters()).dtype)).clamp(-1, 1).float().contiguous()
-    images = acc.gather(images)[:count].cpu() if run.world > 1 else images[:count].cpu()
+    shown = mine
+    if run.world > 1:
+        images, shown = acc.gather(images), gather_object(mine)
     if not acc.is_main_process:
         return
-    shown = (captions * per * run.world)[:count] if run.world > 1 else mine[:count]
+    count = min(cfg.sample_count, len(shown))
     folder = run.out / "samples"
     folder.mkdir(exist_ok=True)
-    save_image((images + 1) / 2, folder / f"step-{step:08d}.png", nrow=min(4, count))
-    (folder / f"step-{step:08d}.txt").write_text("\n".join(shown) + "\n")
+    save_image((images[:count].cpu() + 1) / 2, folder / f"step-{step:08d}.png", nrow=min(4, count))
+    (folder / f"step-{step:08d}.txt").write_text("\n".join(shown[:count]) + "\n")
