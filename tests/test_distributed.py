@@ -151,3 +151,13 @@ def test_two_process_ar_training_with_accumulation_matches_one_process(ae_runs, 
     assert (tmp_path / "two" / "samples" / "step-00000002.png").exists()  # every process drew its share
     losses = [r["loss"] for r in log_file(tmp_path / "two")]
     assert losses == pytest.approx([r["loss"] for r in log_file(tmp_path / "one")], rel=1e-4)
+
+
+def test_a_samples_draws_do_not_depend_on_the_rest_of_its_batch():
+    """Rows of a flattened layout (tokens of several samples, interleaved) draw from their own sample's stream, in
+    row order: the same rows as a batch of that sample alone."""
+    owner = torch.tensor([2, 0, 1, 0, 2, 2, 1])
+    together = SampleDraws.for_batch(1, "train", 3, [0, 1, 2]).randn(owner, 4)
+    for sample in range(3):
+        alone = SampleDraws.for_batch(1, "train", 3, [sample]).randn(torch.zeros(int((owner == sample).sum()), dtype=torch.long), 4)
+        assert torch.equal(together[owner == sample], alone)

@@ -79,13 +79,14 @@ class SampleDraws(Draws):
 
     def _draw(self, fn, owner: torch.Tensor, shape, device, dtype) -> torch.Tensor:
         owner = owner.cpu()
-        out = torch.empty(len(owner), *shape, dtype=dtype)
         if owner.numel() and int(owner.max()) >= len(self.generators):
             raise IndexError(f"draw for sample {int(owner.max())} of a batch of {len(self.generators)} samples")
-        for sample, generator in enumerate(self.generators):
-            rows = (owner == sample).nonzero().flatten()
-            if len(rows):
-                out[rows] = fn(len(rows), *shape, generator=generator, dtype=dtype)
+        counts = torch.bincount(owner, minlength=len(self.generators)).tolist()
+        parts = [fn(n, *shape, generator=g, dtype=dtype) for g, n in zip(self.generators, counts) if n]
+        drawn = torch.cat(parts) if parts else torch.empty(0, *shape, dtype=dtype)
+        order = torch.sort(owner, stable=True).indices  # each sample's rows in row order, samples in turn
+        out = torch.empty_like(drawn)
+        out[order] = drawn
         return out.to(device)
 
     def rand(self, owner, *shape, device="cpu", dtype=torch.float32):

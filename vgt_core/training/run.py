@@ -63,7 +63,7 @@ class ScheduledEMA(EMAModel):
     ``min(decay, (1 + n) / (10 + n))`` (diffusers' default) when ``warmup``."""
 
     def __init__(self, parameters, *, decay: float, start: int = 0, warmup: bool = True):
-        super().__init__(parameters, decay=decay, update_after_step=start)
+        super().__init__(parameters, decay=decay, update_after_step=start, foreach=True)
         self.ramp = warmup
 
     def get_decay(self, optimization_step: int) -> float:
