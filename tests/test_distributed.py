@@ -161,3 +161,13 @@ def test_a_samples_draws_do_not_depend_on_the_rest_of_its_batch():
     for sample in range(3):
         alone = SampleDraws.for_batch(1, "train", 3, [sample]).randn(torch.zeros(int((owner == sample).sum()), dtype=torch.long), 4)
         assert torch.equal(together[owner == sample], alone)
+
+
+def test_a_one_process_run_resumes_on_two_processes_where_it_stopped(ae_runs, data, tmp_path):
+    """The data position is global: a run checkpointed by one process continues on two with the next global batch,
+    ending where the uninterrupted one-process run ends (up to the order of gradient sums)."""
+    args = [*AE, "--data", str(data), "--set", "train_ae.stage1.checkpoint_every=4", "--out", str(tmp_path / "moved")]
+    finish(launch(1, "train-ae", *args, "--steps", "4"))  # steps 1-4 are in the warm-up, as in the 8-step run
+    finish(launch(2, "train-ae", *args, "--steps", "8", "--resume"))
+    assert_close(weights(ae_runs / "one"), weights(tmp_path / "moved"), atol=5e-5)
+    assert [r["step"] for r in log_file(tmp_path / "moved")] == list(range(1, 9))
