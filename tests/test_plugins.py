@@ -141,3 +141,18 @@ def test_every_hook_is_documented_with_its_signature():
         if name.startswith("vgt_"):
             caller = getattr(plugin_manager().hook, name)
             assert f"{name}({', '.join(caller.spec.argnames)})" in docs, name
+
+
+def test_registration_goes_through_pluggy_so_tracing_sees_it():
+    """Hooks are called through pluggy's callers (not the implementation functions directly): VGT_TRACE_PLUGINS
+    shows every plugin's registration call."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "VGT_TRACE_PLUGINS": "1"}
+    done = subprocess.run([sys.executable, "-c", "from vgt_core.plugins import registry; registry()"],
+                          capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    for hook in ("vgt_register_encoders", "vgt_register_decoders", "vgt_register_backbones", "vgt_register_samplers"):
+        assert hook in done.stderr

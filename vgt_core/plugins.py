@@ -104,13 +104,24 @@ def registry() -> Registry:
         reg = Registry()
         dists = _provenance(pm)
         for kind in KINDS:
-            for impl in getattr(pm.hook, _HOOKS[kind]).get_hookimpls():
+            for impl, call in _per_plugin(pm, _HOOKS[kind]):
                 package, version = dists.get(id(impl.plugin), (_module_of(impl.plugin), "unknown"))
-                impl.function(register=_component_adder(reg, kind, impl.plugin_name, package, version))
-        for impl in pm.hook.vgt_register_presets.get_hookimpls():
-            impl.function(register=lambda name, preset, _p=impl.plugin_name: reg.add_preset(name, preset, _p))
+                call(register=_component_adder(reg, kind, impl.plugin_name, package, version))
+        for impl, call in _per_plugin(pm, "vgt_register_presets"):
+            call(register=lambda name, preset, _p=impl.plugin_name: reg.add_preset(name, preset, _p))
         _registry = reg
     return _registry
+
+
+def _per_plugin(pm: pluggy.PluginManager, hook: str) -> list[tuple[Any, Callable[..., Any]]]:
+    """Each implementation of ``hook`` with a caller for it alone, in the order the plugins were registered. The
+    calls go through pluggy, so tracing and implementations that take a subset of the hook's arguments work; one
+    plugin at a time, so each component is credited to the plugin that registered it."""
+    plugins = pm.get_plugins()
+    return [
+        (impl, pm.subset_hook_caller(hook, remove_plugins=[p for p in plugins if p is not impl.plugin]))
+        for impl in getattr(pm.hook, hook).get_hookimpls()
+    ]
 
 
 def _module_of(plugin: Any) -> str:
