@@ -18,13 +18,13 @@ from typing import Sequence
 import torch
 
 
-def sample_seed(seed: int, stream: str, step: int, position: int) -> int:
+def sample_seed(seed: int, stream: str, step: int, position: int | str) -> int:
     """A 63-bit seed for one sample's draws; a hash, so nearby (step, position) give unrelated streams."""
     digest = hashlib.blake2b(f"{seed}:{stream}:{step}:{position}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
-def sample_generator(seed: int, stream: str, step: int, position: int) -> torch.Generator:
+def sample_generator(seed: int, stream: str, step: int, position: int | str) -> torch.Generator:
     return torch.Generator().manual_seed(sample_seed(seed, stream, step, position))
 
 

@@ -34,6 +34,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vgt_core.data import _open_image, transform_image
+from vgt_core.randomness import sample_generator
 
 logger = logging.getLogger(__name__)
 
@@ -63,11 +64,6 @@ class _DamageCounter:
         self.in_stretch = True
         logger.warning("skipping damaged tar data: %r", exn)
         return True
-
-
-def _sample_seed(seed: int, epoch: int, shard: int, key: str) -> int:
-    digest = hashlib.blake2b(f"{seed}/{epoch}/{shard}/{key}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
 def _caption(sample: dict[str, Any]) -> str:
@@ -132,12 +128,12 @@ class ShardStream(IterableDataset):
         image = _open_image(data) if data is not None else None
         if image is None:
             return None
-        with torch.random.fork_rng(devices=[]):  # the caller's RNG (the trainer's, with num_workers=0) is left alone
-            torch.manual_seed(_sample_seed(self.seed, self.epoch, shard, key))
-            try:
-                pixels = transform_image(image, self.image_size, crop=self.crop, random_flip=self.random_flip)
-            except (OSError, ValueError):
-                return None
+        # the sample's own generator: its crop and flip are the same in any worker, and the caller's RNG is left alone
+        generator = sample_generator(self.seed, "stream", self.epoch, f"{shard}/{key}")
+        try:
+            pixels = transform_image(image, self.image_size, crop=self.crop, random_flip=self.random_flip, generator=generator)
+        except (OSError, ValueError):
+            return None
         return {"image": pixels, "caption": _caption(sample), "key": key}
 
     def __iter__(self) -> Iterator[dict[str, Any]]:

@@ -164,7 +164,7 @@ def train_autoencoder(
     ae.train()
     for step, parts in run.batches(loader, start, cfg.steps, f"VGT-AE stage {stage}"):
         gan_on = use_gan and step > gan_start
-        scalars: dict[str, float] = {}
+        scalars: dict[str, torch.Tensor] = {}
         fakes = []
         for part in run.micro_steps(ae, parts):
             images = part["images"].to(acc.device)
@@ -193,7 +193,8 @@ def train_autoencoder(
             losses["loss"] = total
             fakes.append((real_in, fake_in.detach()))
             for k, v in losses.items():
-                scalars[k] = scalars.get(k, 0.0) + float(v.detach()) / len(parts)
+                scalars[k] = scalars.get(k, 0.0) + v.detach() / len(parts)
+        scalars = run.averaged(scalars)
         run.stop_if_not_finite(step, scalars)  # on every process together, before the optimizer uses it
         if cfg.grad_clip:
             acc.clip_grad_norm_(ae.parameters(), cfg.grad_clip)
@@ -203,7 +204,8 @@ def train_autoencoder(
 
         if gan_on:
             raw_disc.requires_grad_(True)
-            for i, (real_in, fake_in) in enumerate(run.micro_steps(disc, fakes)):
+            d_scalars: dict[str, torch.Tensor] = {}
+            for real_in, fake_in in run.micro_steps(disc, fakes):
                 with torch.autocast(acc.device.type, enabled=False):
                     # one pass over real and fake: a module wrapped for data parallelism is called once per backward
                     logits = disc(torch.cat([real_in, fake_in]))
@@ -215,8 +217,10 @@ def train_autoencoder(
                         d_total = d_total + cfg.lecam_weight * d_losses["lecam"]
                 acc.backward(d_total / len(fakes))
                 for k, v in d_losses.items():
-                    scalars[k] = scalars.get(k, 0.0) + float(v.detach()) / len(fakes)
-            run.stop_if_not_finite(step, scalars)
+                    d_scalars[k] = d_scalars.get(k, 0.0) + v.detach() / len(fakes)
+            d_scalars = run.averaged(d_scalars)
+            run.stop_if_not_finite(step, d_scalars)
+            scalars.update(d_scalars)
             if cfg.grad_clip:
                 acc.clip_grad_norm_(disc.parameters(), cfg.grad_clip)
             disc_opt.step()
@@ -225,7 +229,6 @@ def train_autoencoder(
         if ema is not None:
             ema.step(raw.parameters())
 
-        scalars = {k: run.mean(v) for k, v in scalars.items()}
         run.advance(scalars)
         if step % cfg.log_every == 0 or step == cfg.steps:
             run.log(step, {**scalars, "lr": schedule.get_last_lr()[0], "skipped_images": run.skipped})

@@ -107,7 +107,7 @@ def train_generator(
 
     gen.train()
     for step, parts in run.batches(loader, start, cfg.steps, "VGT-AR"):
-        scalars: dict[str, float] = {}
+        scalars: dict[str, torch.Tensor] = {}
         for part in run.micro_steps(gen, parts):
             draws = run.draws(cfg.seed, step, part["positions"])
             features = None
@@ -128,7 +128,8 @@ def train_generator(
                     losses = {"loss": flow + cfg.repa_weight * repa, "flow": flow, "repa": repa}
             acc.backward(losses["loss"] / len(parts))
             for k, v in losses.items():
-                scalars[k] = scalars.get(k, 0.0) + float(v.detach()) / len(parts)
+                scalars[k] = scalars.get(k, 0.0) + v.detach() / len(parts)
+        scalars = run.averaged(scalars)
         run.stop_if_not_finite(step, scalars)  # on every process together, before the optimizer uses it
         if cfg.grad_clip:
             acc.clip_grad_norm_(gen.parameters(), cfg.grad_clip)
@@ -138,7 +139,6 @@ def train_generator(
         if ema is not None:
             ema.step(raw.parameters())
 
-        scalars = {k: run.mean(v) for k, v in scalars.items()}
         run.advance(scalars)
         if step % cfg.log_every == 0 or step == cfg.steps:
             run.log(step, {**scalars, "lr": schedule.get_last_lr()[0], "skipped_images": run.skipped})

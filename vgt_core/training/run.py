@@ -194,24 +194,30 @@ class TrainingRun:
                 + " (the learning-rate schedule follows the new total from here on)"
             )
 
-    def stop_if_not_finite(self, step: int, scalars: dict[str, float]) -> None:
-        """Stop every process together (a flag reduced across them) when a loss of this step is NaN or infinite,
-        before the optimizer applies it: nothing of this step is saved or exported, the checkpoints on disk
-        (the last good state) stay. Call right after the backward pass."""
-        bad = sorted(k for k, v in scalars.items() if not math.isfinite(v))
-        flag = torch.tensor([float(bool(bad))], device=self.device)
+    def averaged(self, scalars: dict[str, torch.Tensor | float]) -> dict[str, float]:
+        """Loss terms (tensors on the device, or floats) averaged over processes, as floats: one collective and one
+        host sync for all of them, not one per term."""
+        keys = list(scalars)
+        values = torch.stack([torch.as_tensor(scalars[k], dtype=torch.float32, device=self.device).reshape(()) for k in keys])
         if self.world > 1:
-            torch.distributed.all_reduce(flag, torch.distributed.ReduceOp.MAX)
-        if flag.item() == 0:
+            values = self.accelerator.reduce(values, "mean")
+        return dict(zip(keys, values.tolist()))
+
+    def stop_if_not_finite(self, step: int, scalars: dict[str, float]) -> None:
+        """Stop when a loss of this step is NaN or infinite, before the optimizer applies it: nothing of this step is
+        saved or exported, the checkpoints on disk (the last good state) stay. Given ``averaged`` scalars, every
+        process sees the same values (a NaN anywhere makes the mean NaN) and all stop together."""
+        bad = sorted(k for k, v in scalars.items() if not math.isfinite(v))
+        if not bad:
             return
         if self.bar is not None:
             self.bar.close()
         found = self.checkpoints()
         kept = f"the last good checkpoint is {found[-1]} (--resume continues from it)" if found else "no checkpoint was saved yet"
-        which = ", ".join(f"{k}={scalars[k]}" for k in bad) if bad else "on another process"
+        which = ", ".join(f"{k}={scalars[k]}" for k in bad)
         raise VGTError(
-            f"step {step}: the loss is not finite ({which}); the run stops without applying, saving or exporting "
-            f"it, and {kept}. Lower the learning rate, or check the data and mixed precision"
+            f"step {step}: the loss is not finite ({which}, averaged over processes); the run stops without applying, "
+            f"saving or exporting it, and {kept}. Lower the learning rate, or check the data and mixed precision"
         )
 
     # -- data ---------------------------------------------------------------------------------------------------
@@ -325,13 +331,14 @@ class TrainingRun:
                 first = self.rank * self._per_rank
                 batch["positions"] = list(range(first, first + len(batch["captions"])))
             parts = split_batch(batch, self.accumulation)
-            counts = torch.tensor([len(p["captions"]) for p in parts] + [parts[0]["skipped"]], device=self.device)
-            lowest, skipped = counts[:-1], counts[-1:]
-            if self.world > 1:
-                torch.distributed.all_reduce(lowest, torch.distributed.ReduceOp.MIN)
-                torch.distributed.all_reduce(skipped, torch.distributed.ReduceOp.SUM)
-            self.skipped += int(skipped.item())
-            kept = [p for p, n in zip(parts, lowest.tolist()) if n > 0]
+            lowest, skipped = [len(p["captions"]) for p in parts], parts[0]["skipped"]
+            if self.world > 1:  # every process must agree on the micro-batches it runs
+                counts, lost = torch.tensor(lowest, device=self.device), torch.tensor([skipped], device=self.device)
+                torch.distributed.all_reduce(counts, torch.distributed.ReduceOp.MIN)
+                torch.distributed.all_reduce(lost, torch.distributed.ReduceOp.SUM)
+                lowest, skipped = counts.tolist(), int(lost.item())
+            self.skipped += skipped
+            kept = [p for p, n in zip(parts, lowest) if n > 0]
             if not kept:
                 continue  # nothing readable to learn from; the count above keeps the loss of data visible
             yield step, kept
@@ -344,12 +351,6 @@ class TrainingRun:
                     yield part
             else:
                 yield part
-
-    def mean(self, value: float) -> float:
-        """``value`` averaged over processes (for the log)."""
-        if self.world == 1:
-            return value
-        return float(self.accelerator.reduce(torch.tensor([value], device=self.device), "mean").item())
 
     def mean_tensor(self, value: torch.Tensor) -> torch.Tensor:
         """A detached tensor averaged over processes (state that every process must hold alike)."""
