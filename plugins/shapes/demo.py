@@ -183,7 +183,9 @@ def cache_world_latents(ae_dir: Path, world_options: ShapesOptions, n: int, out:
 
     ae = VGTAutoencoder.from_pretrained(ae_dir)
     cached = ShapesDataset(world_options.model_copy(update={"size": n}))
-    return cache_latents(ae, open_dataset(cached, world_options.image_size), out, batch_size=128, progress=progress)
+    return cache_latents(
+        ae, open_dataset(cached, world_options.image_size), out, batch_size=128, progress=progress, source=ae_dir
+    )  # the cache records its autoencoder, which train-ar checks
 
 
 def generate_geneval(pipe: VGTPipeline, prompts: list[dict], k: int, folder: Path, progress: bool, **settings: Any) -> float:
