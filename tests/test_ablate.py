@@ -12,7 +12,7 @@ from PIL import Image
 from vgt_core.cli import main
 from vgt_core.config import load_presets
 from vgt_core.errors import ConfigError
-from vgt_plugins.shapes.ablate import COLUMNS, Budget, run_ablation
+from vgt_shapes.ablate import COLUMNS, Budget, run_ablation
 
 TINY = Budget(understanding_steps=2, cached_images=64, reconstruction_images=16, samples_per_prompt=1,
               prompts_per_task=1, understanding_eval_images=32)
@@ -79,7 +79,7 @@ def test_rerun_skips_finished_cells(two, registry, monkeypatch):
         raise AssertionError("a finished cell was run again")
 
     monkeypatch.setattr("vgt_core.pipeline.VGTPipeline.from_pretrained", no_training)
-    monkeypatch.setattr("vgt_plugins.shapes.ablate.train_autoencoder", no_training)
+    monkeypatch.setattr("vgt_shapes.ablate.train_autoencoder", no_training)
     again = run_ablation("two", out, steps=2, quick=True, progress=False, registry=[registry], budget=TINY)
     assert again == rows
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/metrics.json")} == stamps

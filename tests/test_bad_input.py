@@ -21,7 +21,7 @@ from PIL import Image
 from vgt_core.cli import main
 from vgt_core.config import ConfigError, GenerationConfig, load_presets
 from vgt_core.errors import VGTError
-from vgt_plugins.shapes.world import ShapesWorld
+from vgt_shapes.world import ShapesWorld
 
 TINY = "tiny-internvl3"
 AR_RUN = {

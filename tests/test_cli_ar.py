@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from vgt_plugins.shapes.world import ShapesWorld
+from vgt_shapes.world import ShapesWorld
 
 TRAIN = ["--set", "train_ar.batch_size=4", "--set", "train_ar.sample_every=1000", "--set", "train_ar.log_every=1", "--set", "train_ar.keep_checkpoints=5"]
 

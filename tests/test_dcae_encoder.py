@@ -10,7 +10,7 @@ from vgt_core.compose import build_autoencoder
 from vgt_core.config import load_presets
 from vgt_core.training.autoencoder import train_autoencoder
 from vgt_core.training.run import log_file
-from vgt_plugins.shapes import ShapesDataset, ShapesOptions
+from vgt_shapes import ShapesDataset, ShapesOptions
 
 
 def pixel_vae_preset(**stage1):

@@ -9,7 +9,7 @@ import sys
 from PIL import Image
 
 from vgt_core.pipeline import VGTPipeline
-from vgt_plugins.shapes.scorer import score_folder
+from vgt_shapes.scorer import score_folder
 
 
 def test_demo_quick_runs_end_to_end_and_writes_every_artifact(tmp_path):

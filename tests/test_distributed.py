@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from vgt_core.data import make_loader, open_dataset
 from vgt_core.randomness import SampleDraws
 from vgt_core.training.run import log_file
-from vgt_plugins.shapes.world import ShapesWorld
+from vgt_shapes.world import ShapesWorld
 
 AE = [
     "--preset", "tiny-internvl3", "--stage", "1", "--quiet",

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from conftest import builtin_preset
 from vgt_core.compose import build_autoencoder, build_generator
 from vgt_core.config import check_preset
-from vgt_plugins.shapes.world import ShapesWorld
+from vgt_shapes.world import ShapesWorld
 
 pytestmark = pytest.mark.gpu
 

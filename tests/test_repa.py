@@ -186,7 +186,7 @@ def test_train_ar_trains_the_projector_with_repa_and_freezes_it_without(weights,
     from vgt_core.config import check_preset
     from vgt_core.training.autoregressive import train_generator
     from vgt_core.training.run import log_file
-    from vgt_plugins.shapes.world import ShapesWorld
+    from vgt_shapes.world import ShapesWorld
 
     world = ShapesWorld(image_size=64, seed=2)
     for i in range(4):

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from vgt_plugins.shapes.scorer import MAX_STRAY, Detection, detect, evaluate, relations, score_folder, score_image, stray_ink
-from vgt_plugins.shapes.world import COLORS, SHAPES, ShapeObject, ShapesWorld, draw, prompt_space, write_geneval_folder
+from vgt_shapes.scorer import MAX_STRAY, Detection, detect, evaluate, relations, score_folder, score_image, stray_ink
+from vgt_shapes.world import COLORS, SHAPES, ShapeObject, ShapesWorld, draw, prompt_space, write_geneval_folder
 
 ALL_PROMPTS = ShapesWorld().evaluation_prompts()
 

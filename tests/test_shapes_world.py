@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
-from vgt_plugins.shapes import ShapesDataset, ShapesOptions
-from vgt_plugins.shapes.world import (
+from vgt_shapes import ShapesDataset, ShapesOptions
+from vgt_shapes.world import (
     BACKGROUND,
     COLORS,
     HELD_OUT_TASKS,

@@ -20,7 +20,7 @@ from vgt_core.errors import ConfigError, VGTError
 from vgt_core.training import autoencoder as ae_training
 from vgt_core.training.autoencoder import train_autoencoder
 from vgt_core.training.run import log_file
-from vgt_plugins.shapes.world import ShapesWorld
+from vgt_shapes.world import ShapesWorld
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,8 @@ from __future__ import annotations
 from transformers import InternVLForConditionalGeneration
 
 from vgt_core.config import load_presets
-from vgt_plugins.shapes import ShapesOptions
-from vgt_plugins.shapes.understanding import pretrain_understanding
+from vgt_shapes import ShapesOptions
+from vgt_shapes.understanding import pretrain_understanding
 
 
 def test_the_vlm_learns_to_name_the_colours_it_sees_and_is_saved(tmp_path):

@@ -40,10 +40,10 @@ from vgt_core.errors import ConfigError, unknown_name_message  # noqa: E402
 from vgt_core.serialization import prepare_output, write_json  # noqa: E402
 from vgt_core.training.autoencoder import train_autoencoder  # noqa: E402
 from vgt_core.training.autoregressive import train_generator  # noqa: E402
-from vgt_plugins.shapes import ShapesDataset, ShapesOptions  # noqa: E402
-from vgt_plugins.shapes import demo  # noqa: E402
-from vgt_plugins.shapes.understanding import pretrain_understanding  # noqa: E402
-from vgt_plugins.shapes.world import TASKS, ShapesWorld  # noqa: E402
+from vgt_shapes import ShapesDataset, ShapesOptions  # noqa: E402
+from vgt_shapes import demo  # noqa: E402
+from vgt_shapes.understanding import pretrain_understanding  # noqa: E402
+from vgt_shapes.world import TASKS, ShapesWorld  # noqa: E402
 
 DONE = "done.json"
 METRICS = [
@@ -221,7 +221,7 @@ class Ablation:
         )
 
         from vgt_core.pipeline import VGTPipeline
-        from vgt_plugins.shapes.scorer import score_folder
+        from vgt_shapes.scorer import score_folder
 
         prompts = ShapesWorld(image_size=size).evaluation_prompts(per_task=self.budget.prompts_per_task)
         k = self.budget.samples_per_prompt

@@ -25,11 +25,11 @@ from vgt_core.serialization import prepare_output
 from vgt_core.training.autoencoder import train_autoencoder
 from vgt_core.training.autoregressive import train_generator
 from vgt_core.training.run import log_file
-from vgt_plugins.shapes import ShapesDataset, ShapesOptions
-from vgt_plugins.shapes.report import write_report
-from vgt_plugins.shapes.scorer import score_folder
-from vgt_plugins.shapes.understanding import pretrain_understanding
-from vgt_plugins.shapes.world import ShapesWorld, write_geneval_folder
+from vgt_shapes import ShapesDataset, ShapesOptions
+from vgt_shapes.report import write_report
+from vgt_shapes.scorer import score_folder
+from vgt_shapes.understanding import pretrain_understanding
+from vgt_shapes.world import ShapesWorld, write_geneval_folder
 
 HELD_OUT_SEED = 10_000  # images for the reconstruction score come from a world seeded apart from training's
 

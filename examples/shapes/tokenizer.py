@@ -10,7 +10,7 @@ from __future__ import annotations
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from vgt_plugins.shapes.world import COLORS, NUMBER_WORDS, RELATIONS, SHAPES
+from vgt_shapes.world import COLORS, NUMBER_WORDS, RELATIONS, SHAPES
 
 SPECIALS = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>"]
 WORDS = sorted(

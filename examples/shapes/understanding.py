@@ -22,9 +22,9 @@ from tqdm.auto import tqdm
 from transformers import InternVLConfig, InternVLForConditionalGeneration
 
 from vgt_adapters.hf_vision import IMAGENET_MEAN, IMAGENET_STD
-from vgt_plugins.shapes import ShapesOptions
-from vgt_plugins.shapes.tokenizer import build_tokenizer
-from vgt_plugins.shapes.world import COLORS, SHAPES, ShapesSample
+from vgt_shapes import ShapesOptions
+from vgt_shapes.tokenizer import build_tokenizer
+from vgt_shapes.world import COLORS, SHAPES, ShapesSample
 
 IMAGE_TOKEN = "<IMG_CONTEXT>"
 INSTRUCTION = "describe the image ."

@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 
 from vgt_core import hookimpl
 from vgt_core.registry import Options
-from vgt_plugins.shapes.world import MAX_OBJECT_FRAC, OBJECT_FRAC, TASKS, ShapesWorld
+from vgt_shapes.world import MAX_OBJECT_FRAC, OBJECT_FRAC, TASKS, ShapesWorld
 
 
 Task = Literal["single_object", "two_object", "counting", "colors", "position", "color_attr"]
@@ -94,7 +94,7 @@ def vgt_add_commands(subparsers, command):
 
 
 def _demo(args) -> None:
-    from vgt_plugins.shapes.demo import run_demo
+    from vgt_shapes.demo import run_demo
 
     metrics = run_demo(args.out, quick=args.quick, progress=not args.quiet)
     rec = metrics["reconstruction"]
@@ -113,7 +113,7 @@ def _demo(args) -> None:
 
 
 def _ablate(args) -> int:
-    from vgt_plugins.shapes.ablate import run_ablation
+    from vgt_shapes.ablate import run_ablation
 
     rows = run_ablation(args.matrix, args.out, steps=args.steps, quick=args.quick, progress=not args.quiet, registry=args.registry)
     for row in rows:
@@ -130,7 +130,7 @@ def _ablate(args) -> int:
 def _eval_shapes(args) -> None:
     import json
 
-    from vgt_plugins.shapes.scorer import score_folder
+    from vgt_shapes.scorer import score_folder
 
     scores = score_folder(args.folder)
     if args.json:
