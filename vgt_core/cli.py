@@ -115,16 +115,39 @@ def cmd_eval_recon(args: argparse.Namespace) -> None:
 
     from vgt_core.autoencoder import VGTAutoencoder
     from vgt_core.data import collate, open_dataset
-    from vgt_core.metrics import evaluate_reconstruction
+    from vgt_core.latents import process_state
+    from vgt_core.metrics import PROTOCOLS, evaluate_reconstruction
     from vgt_core.training.autoencoder import model_folder
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    ae = VGTAutoencoder.from_pretrained(model_folder(args.model), map_location=device)
-    loader = torch.utils.data.DataLoader(open_dataset(args.data, ae.image_size), batch_size=args.batch_size, collate_fn=collate)
-    result = evaluate_reconstruction(ae, loader, device, inception_weights=args.inception_weights, max_images=args.max_images, progress=not args.quiet)
+    state = process_state()  # one process, or one rank of `accelerate launch`: each scores its share of the images
+    ae = VGTAutoencoder.from_pretrained(model_folder(args.model), map_location=state.device)
+    protocol = PROTOCOLS[args.protocol].settings(ae.image_size)
+    data = open_dataset(args.data, protocol["input_size"])
+    if state.num_processes > 1:
+        data = torch.utils.data.Subset(data, range(state.process_index, len(data), state.num_processes))
+    loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size, collate_fn=collate, num_workers=args.num_workers)
+    result = evaluate_reconstruction(
+        ae, loader, state.device, inception_weights=args.inception_weights, max_images=args.max_images,
+        progress=not args.quiet and state.is_main_process, score_size=protocol["score_size"],
+    )  # fmt: skip
+    result["settings"] = {
+        "protocol": protocol, "model": str(Path(args.model).resolve()), "data": str(args.data), "encoder_size": ae.image_size,
+        "batch_size": args.batch_size, "max_images_per_process": args.max_images, "processes": state.num_processes,
+        "dtype": str(next(ae.parameters()).dtype).removeprefix("torch."), "psnr": "mean of per-image PSNR, [0, 1] images, data_range 1",
+        "ssim": "torchmetrics SSIM (Gaussian 11x11, sigma 1.5), [0, 1] images, data_range 1",
+        "rfid": "torchmetrics FID on torch-fidelity's InceptionV3 pool3 (2048), weights read as tensors only",
+        "inception_weights": str(args.inception_weights) if args.inception_weights else None,
+    }  # fmt: skip
+    if protocol["paper_input_size"] not in (None, ae.image_size):
+        result["settings"]["note"] = (
+            f"the paper's numbers fed {protocol['paper_input_size']} px; this encoder takes {ae.image_size} px"
+        )
+    if not state.is_main_process:
+        return
     if args.json:
         _print_json(result)
         return
+    print(f"protocol {protocol['name']}: {protocol['input_size']} px in, scored at {protocol['score_size']} px")
     print(f"images {result['n_images']} (skipped unreadable: {result['skipped']})")
     print(f"PSNR {result['psnr']:.2f} dB   SSIM {result['ssim']:.4f}")
     print(f"rFID {result['rfid']:.3f}" if result.get("rfid") is not None else f"rFID skipped: {result.get('rfid_note')}")
@@ -208,6 +231,87 @@ def cmd_generate(args: argparse.Namespace) -> None:
         paths = [out / name for name in names]
     for prompt, path in zip(args.prompt, paths):
         print(f"{path}\t{prompt}")
+
+
+# -- benchmarks: GenEval, DPG-Bench (vgt_core.benchmarks) ------------------------------------------------------
+
+GENERATION_FLAGS = ("tokens_per_step", "guidance_scale", "guidance_schedule", "num_sampling_steps", "solver", "temperature", "order")
+
+
+def _shard(args: argparse.Namespace) -> Any:
+    from vgt_core.benchmarks import Shard, parse_shard
+
+    return parse_shard(args.shard) if args.shard else Shard()
+
+
+def _bench(args: argparse.Namespace, kind: str, benchmark: str, prompts_source: Path, make_jobs: Callable, images: int, shard: Any) -> None:
+    """The shared part of bench-geneval and bench-dpg: claim this shard of --out, record the settings, generate
+    the prompts of this shard that are not done yet."""
+    import torch
+
+    from vgt_core import benchmarks as B
+    from vgt_core.config import GenerationConfig, validate_model
+    from vgt_core.latents import process_state
+    from vgt_core.pipeline import VGTPipeline
+    from vgt_core.serialization import check_output
+
+    out = Path(args.out)
+    check_output(out, kind, "reuse")  # before the model loads
+    state = process_state()  # under `accelerate launch` each rank takes its share of this shard
+    shard = shard.split(state.process_index, state.num_processes)
+    pipe = VGTPipeline.from_pretrained(args.model, device=state.device, dtype=args.dtype)
+    flags = {key: getattr(args, key) for key in GENERATION_FLAGS if getattr(args, key) is not None}
+    generation = validate_model(GenerationConfig, {**pipe.defaults.model_dump(), **flags, "seed": None}, "generation settings")
+    settings = {
+        "benchmark": benchmark, "model": str(Path(args.model).resolve()), "prompts": str(prompts_source.resolve()),
+        "prompts_sha256": B.file_sha256(prompts_source) if prompts_source.is_file() else None,
+        "images_per_prompt": images, "seed": args.seed, "seeds": "prompt k, image j: seed + k * images_per_prompt + j",
+        "prompt_rewrite": "none", "dtype": str(pipe.dtype).removeprefix("torch."),
+        "generation": generation.model_dump(mode="json", exclude={"seed"}),
+    }  # fmt: skip
+    if benchmark == "geneval":
+        settings["grid"] = args.grid
+    with B.claim_folder(out, kind, shard):
+        B.record_settings(out, settings)
+        jobs = [job for job in make_jobs(out, pipe) if shard.owns(job.index)]
+        B.remove_stale_temporaries(out, {job.key for job in jobs})
+        counts = B.run_jobs(
+            pipe, jobs, images=images, seed=args.seed, settings=settings["generation"], batch_size=args.batch_size,
+            progress=not args.quiet, desc=f"{benchmark} {shard}" if shard.count > 1 else benchmark,
+        )  # fmt: skip
+    where = f" shard {shard}" if shard.count > 1 else ""
+    print(f"{benchmark}{where}: generated {counts['generated']} prompts, {counts['skipped']} already done, into {out}")
+
+
+@command("bench-geneval")
+def cmd_bench_geneval(args: argparse.Namespace) -> None:
+    from vgt_core import benchmarks as B
+
+    shard = _shard(args)
+    metadata = B.read_geneval_metadata(args.metadata)
+    jobs = lambda out, pipe: B.geneval_jobs(out, metadata, args.images, args.grid)  # noqa: E731
+    _bench(args, B.GENEVAL_KIND, "geneval", Path(args.metadata), jobs, args.images, shard)
+
+
+@command("bench-dpg")
+def cmd_bench_dpg(args: argparse.Namespace) -> None:
+    from vgt_core import benchmarks as B
+
+    shard = _shard(args)
+    prompts = B.read_dpg_prompts(args.prompts)
+    jobs = lambda out, pipe: B.dpg_jobs(out, prompts, pipe.autoencoder.image_size)  # noqa: E731 - a tile is one image
+    _bench(args, B.DPG_KIND, "dpg", Path(args.prompts), jobs, B.DPG_TILES, shard)
+
+
+@command("bench-summary")
+def cmd_bench_summary(args: argparse.Namespace) -> None:
+    from vgt_core.benchmarks import format_summary, summarize
+
+    summary = summarize(args.path)
+    if args.json:
+        _print_json(summary)
+        return
+    print(format_summary(summary))
 
 
 # -- upstream checkpoints ----------------------------------------------------------------------------------------
@@ -298,10 +402,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("eval-recon", "reconstruction metrics of a VGT-AE: PSNR, SSIM, rFID")
     p.add_argument("--model", required=True)
     p.add_argument("--data", required=True)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-images", type=int)
+    p.add_argument(
+        "--protocol", choices=["native", "imagenet256"], default="native",
+        help="native: scored at the encoder's size; imagenet256: the paper's Table 2, scored at 256 (both: the "
+        "encoder's size in, 448 for the paper's models, shorter side resized and centre-cropped)",
+    )  # fmt: skip
+    p.add_argument("--batch-size", type=_at_least(1), default=16, help="images per batch, per process")
+    p.add_argument("--num-workers", type=_at_least(0), default=0, help="DataLoader workers decoding images, per process")
+    p.add_argument("--max-images", type=_at_least(1), help="score at most this many images (per process)")
     p.add_argument("--inception-weights", help="local pt_inception-2015-12-05 weights for rFID")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the metrics and every setting as JSON")
 
     p = add("cache-latents", "pre-compute VGT-AE latents for AR training")
     p.add_argument("--autoencoder", required=True)
@@ -346,6 +456,40 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["float32", "bfloat16", "float16"],
         help="weights and compute dtype (default: bfloat16 on a CUDA GPU that supports it, float32 on CPU)",
     )
+
+    def bench_args(p: argparse.ArgumentParser, what: str) -> None:
+        p.add_argument("--model", required=True, help="a pipeline folder (or train-ar run folder)")
+        p.add_argument(
+            "--out", required=True,
+            help=f"a new or empty folder, or an earlier {what} folder of vgt's, which is continued (finished prompts are "
+            "skipped); any other folder is refused",
+        )  # fmt: skip
+        p.add_argument("--shard", metavar="I/N", help="generate only prompts k with k %% N == I (under accelerate launch, "
+                       "each process takes its share of that)")  # fmt: skip
+        p.add_argument("--batch-size", type=_at_least(1), default=16, help="images per generator call")
+        p.add_argument("--seed", type=_seed, default=0, help="image j of prompt k uses seed + k * images + j")
+        p.add_argument("--tokens-per-step", type=int)
+        p.add_argument("--guidance-scale", type=float)
+        p.add_argument("--guidance-schedule", choices=["constant", "increasing", "decreasing"])
+        p.add_argument("--num-sampling-steps", type=int)
+        p.add_argument("--solver", choices=["euler", "sde"])
+        p.add_argument("--temperature", type=float)
+        p.add_argument("--order", choices=["random", "raster"])
+        p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on a CUDA GPU that supports it")
+
+    p = add("bench-geneval", "generate GenEval's image folder (score it with GenEval's evaluate_images.py)")
+    p.add_argument("--metadata", required=True, help="GenEval's prompts/evaluation_metadata.jsonl")
+    p.add_argument("--images", type=_at_least(1), default=4, help="samples per prompt (GenEval: 4)")
+    p.add_argument("--grid", action="store_true", help="also write each prompt's grid.png")
+    bench_args(p, "bench-geneval")
+
+    p = add("bench-dpg", "generate DPG-Bench's images: one 2x2 grid per prompt (score with PIC_NUM=4)")
+    p.add_argument("--prompts", required=True, help="DPG-Bench's dpg_bench/prompts folder of <id>.txt")
+    bench_args(p, "bench-dpg")
+
+    p = add("bench-summary", "the paper's table from GenEval's / DPG-Bench's result files")
+    p.add_argument("path", help="a results file, or a folder searched for them")
+    p.add_argument("--json", action="store_true")
 
     p = add("convert-upstream", "convert released upstream VGT checkpoints (hustvl/VGT .pth) into a vgt folder")
     preset_args(p)

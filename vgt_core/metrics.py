@@ -10,10 +10,12 @@ from __future__ import annotations
 import io
 import math
 import os
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 from tqdm.auto import tqdm
@@ -141,6 +143,50 @@ class ReconstructionMetrics:
         return out
 
 
+@dataclass(frozen=True)
+class ReconProtocol:
+    """How images reach the autoencoder and the metrics. Images are read aspect-preserving at the encoder's own size:
+    the shorter side resized (bicubic, antialiased), then a centre square crop (``vgt_core.data.transform_image``).
+
+    ``imagenet256`` is the paper's Table 2 set-up (ImageNet-1k val, 50k images): the encoder's 448 px in,
+    original and reconstruction both downsampled to 256 (bilinear, antialiased) and scored there. Upstream
+    squashes every image to 448x448 instead, which distorts non-square images (most of ImageNet)."""
+
+    name: str
+    score_size: int | None = None  # None: score at the input size
+    paper_input_size: int | None = None  # the input size the published numbers used
+    resize: str = "shorter side to the encoder's size (bicubic, antialias), centre crop"
+    downsample: str = "bilinear, antialias"
+
+    def settings(self, encoder_size: int) -> dict[str, Any]:
+        return {**asdict(self), "input_size": encoder_size, "score_size": self.score_size or encoder_size}
+
+
+PROTOCOLS = {
+    "native": ReconProtocol("native"),
+    "imagenet256": ReconProtocol("imagenet256", score_size=256, paper_input_size=448),
+}
+
+
+def resize_for_scoring(images: torch.Tensor, size: int | None) -> torch.Tensor:
+    """``(B, 3, H, W)`` square images to ``size`` x ``size`` (bilinear, antialiased); unchanged when ``size`` is
+    None or already theirs. Originals and reconstructions go through the same resize, so it is not scored."""
+    if size is None or tuple(images.shape[-2:]) == (size, size):
+        return images
+    return F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False).clamp(-1, 1)
+
+
+def _all_ranks_sum(value: int, device: torch.device | str) -> int:
+    """``value`` summed over the processes of ``accelerate launch`` / ``torchrun`` (itself in one process)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    total = torch.tensor([value], device=device)
+    dist.all_reduce(total)
+    return int(total.item())
+
+
 def evaluate_reconstruction(
     autoencoder: Any,
     loader: Any,
@@ -148,8 +194,13 @@ def evaluate_reconstruction(
     inception_weights: str | os.PathLike | None = None,
     max_images: int | None = None,
     progress: bool = True,
+    score_size: int | None = None,
 ) -> dict[str, Any]:
-    """Encode and decode every batch of ``loader`` (dicts with ``images`` in [-1, 1] and ``skipped``) and score it.
+    """Encode and decode every batch of ``loader`` (dicts with ``images`` in [-1, 1] and ``skipped``) and score it,
+    at ``score_size`` px when given (both images resized by ``resize_for_scoring``).
+
+    Several processes (``accelerate launch``) each pass their own part of the data: torchmetrics gathers the
+    metric states across them, and ``n_images`` and ``skipped`` are summed. ``max_images`` is per process.
 
     Returns ``psnr``, ``ssim``, ``rfid`` (+ ``rfid_note`` when skipped), ``n_images`` and ``skipped``, the number
     of unreadable files the collate dropped.
@@ -170,11 +221,12 @@ def evaluate_reconstruction(
                     continue
                 images = images.to(device)
                 recon = autoencoder.decode(autoencoder.encode(images), tuple(images.shape[-2:]))
-                metrics.update(images, recon)
+                metrics.update(resize_for_scoring(images, score_size), resize_for_scoring(recon, score_size))
                 bar.update(images.shape[0])
                 if max_images is not None and metrics.n_images >= max_images:
                     break
     finally:
         if isinstance(autoencoder, nn.Module):
             autoencoder.train(was_training)
-    return {**metrics.compute(), "skipped": skipped}
+    metrics.n_images = _all_ranks_sum(metrics.n_images, device)
+    return {**metrics.compute(), "skipped": _all_ranks_sum(skipped, device)}

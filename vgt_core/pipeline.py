@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import torch
 from PIL import Image
@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from vgt_core.autoencoder import VGTAutoencoder
 from vgt_core.config import GenerationConfig
 from vgt_core.generator import VGTGenerator, image_draws
+from vgt_core.randomness import SampleDraws
 from vgt_core.serialization import atomic_folder
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -135,20 +136,28 @@ class VGTPipeline:
         batch_size: int = 16,
         progress: bool = True,
         output_type: str = "pil",
+        seeds: Sequence[int] | None = None,
         **settings: Any,
     ) -> list[Image.Image] | torch.Tensor:
         """Generate one image per prompt. ``settings`` are ``GenerationConfig`` fields (tokens_per_step,
         guidance_scale, guidance_schedule, num_sampling_steps, solver, temperature, order, seed, ...). Prompt
         ``i`` draws from its own generator seeded from ``seed + i``: its image does not depend on ``batch_size``
-        or on the other prompts, and equals that prompt alone with ``seed + i``."""
+        or on the other prompts, and equals that prompt alone with ``seed + i``. ``seeds`` (one per prompt) instead
+        gives prompt ``i`` the image of that prompt alone with ``seed=seeds[i]``: benchmarks number their images
+        themselves, so that an image does not depend on which prompts share its call (shards, resumed runs)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if seeds is not None and len(seeds) != len(prompts):
+            raise ValueError(f"seeds: {len(seeds)} seeds for {len(prompts)} prompts; give one per prompt")
         config = GenerationConfig.model_validate({**self.defaults.model_dump(), **settings})
         seed = config.seed if config.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
         grid = self.autoencoder.grid
         images = []
         for start in tqdm(range(0, len(prompts), batch_size), desc="generating", disable=not progress):
             chunk = prompts[start : start + batch_size]
-            draws = image_draws(seed, start, len(chunk))  # prompt i: seed + i, whatever the batch
+            if seeds is None:
+                draws = image_draws(seed, start, len(chunk))  # prompt i: seed + i, whatever the batch
+            else:
+                draws = SampleDraws([g for s in seeds[start : start + len(chunk)] for g in image_draws(s, 0, 1).generators])
             with self._autocast():
                 latents = self.generator.generate(chunk, grid, config, generator=draws)
                 images.append(self.autoencoder.decode(latents).float())

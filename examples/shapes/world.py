@@ -24,7 +24,6 @@ be held out without removing words from training.
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -334,12 +333,11 @@ class ShapesWorld:
 
 def write_geneval_folder(root: str | Path, items: Iterable[tuple[dict, Sequence[Image.Image]]]) -> Path:
     """Write GenEval's layout: ``root/<00000>/metadata.jsonl`` (one JSON object on one line; GenEval reads it
-    with json.load) and ``root/<00000>/samples/0000.png, ...``."""
+    with json.load) and ``root/<00000>/samples/0000.png, ...`` (``vgt_core.benchmarks``, as `vgt bench-geneval`)."""
+    from vgt_core.benchmarks import write_geneval_prompt
+
     root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
     for index, (metadata, images) in enumerate(items):
-        folder = root / f"{index:05d}"
-        (folder / "samples").mkdir(parents=True, exist_ok=True)
-        (folder / "metadata.jsonl").write_text(json.dumps(metadata) + "\n")
-        for number, image in enumerate(images):
-            image.save(folder / "samples" / f"{number:04d}.png")
+        write_geneval_prompt(root, index, metadata, images)
     return root
