@@ -258,12 +258,9 @@ def dpg_jobs(root: Path, prompts: list[tuple[str, str]], tile: int) -> list[Job]
     ]  # fmt: skip
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def content_sha256(data: Any) -> str:
+    """The sha256 of the prompts as read (JSON): a changed prompt file shows up when a folder is resumed."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
 def record_settings(out: Path, settings: dict[str, Any]) -> None:
@@ -283,9 +280,9 @@ def record_settings(out: Path, settings: dict[str, Any]) -> None:
                 "or the same settings"
             )
         return
-    tmp = out / f".tmp-settings-{uuid.uuid4().hex[:8]}"
+    tmp = out / f".settings-{uuid.uuid4().hex[:8]}.partial"
     tmp.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)  # shards starting together write the same content
+    os.replace(tmp, path)  # shards starting together write the same content; a reader never sees half of it
 
 
 def claim_folder(out: Path, kind: str, shard: Shard) -> Any:
@@ -293,12 +290,16 @@ def claim_folder(out: Path, kind: str, shard: Shard) -> Any:
     it. Shards lock only their own part, so several ``--shard`` runs (or ranks) write into one folder at once."""
     from filelock import FileLock, Timeout
 
-    from vgt_core.serialization import OutputFolderError, check_output, read_output_marker, write_output_marker
+    from vgt_core.serialization import OUTPUT_MARKER, OutputFolderError, check_output, read_output_marker, write_output_marker
 
     check_output(out, kind, "reuse")
     out.mkdir(parents=True, exist_ok=True)
-    if read_output_marker(out) is None:
-        write_output_marker(out, kind)
+    if read_output_marker(out) is None:  # written aside and renamed: a shard starting meanwhile never reads half of it
+        aside = out / f".marker-{uuid.uuid4().hex[:8]}.partial"
+        aside.mkdir()
+        write_output_marker(aside, kind)
+        os.replace(aside / OUTPUT_MARKER, out / OUTPUT_MARKER)
+        aside.rmdir()
     lock = FileLock(out / f".vgt-lock-shard-{shard.index}-of-{shard.count}", timeout=0)
     try:
         lock.acquire()

@@ -133,7 +133,7 @@ def cmd_eval_recon(args: argparse.Namespace) -> None:
     result["settings"] = {
         "protocol": protocol, "model": str(Path(args.model).resolve()), "data": str(args.data), "encoder_size": ae.image_size,
         "batch_size": args.batch_size, "max_images_per_process": args.max_images, "processes": state.num_processes,
-        "dtype": str(next(ae.parameters()).dtype).removeprefix("torch."), "psnr": "mean of per-image PSNR, [0, 1] images, data_range 1",
+        "dtype": str(next(iter(ae.parameters()), torch.zeros(())).dtype).removeprefix("torch."), "psnr": "mean of per-image PSNR, [0, 1] images, data_range 1",
         "ssim": "torchmetrics SSIM (Gaussian 11x11, sigma 1.5), [0, 1] images, data_range 1",
         "rfid": "torchmetrics FID on torch-fidelity's InceptionV3 pool3 (2048), weights read as tensors only",
         "inception_weights": str(args.inception_weights) if args.inception_weights else None,
@@ -244,11 +244,11 @@ def _shard(args: argparse.Namespace) -> Any:
     return parse_shard(args.shard) if args.shard else Shard()
 
 
-def _bench(args: argparse.Namespace, kind: str, benchmark: str, prompts_source: Path, make_jobs: Callable, images: int, shard: Any) -> None:
+def _bench(
+    args: argparse.Namespace, kind: str, benchmark: str, prompts: tuple[Path, Any], make_jobs: Callable, images: int, shard: Any
+) -> None:
     """The shared part of bench-geneval and bench-dpg: claim this shard of --out, record the settings, generate
-    the prompts of this shard that are not done yet."""
-    import torch
-
+    the prompts of this shard that are not done yet. ``prompts``: where they came from, and what was read there."""
     from vgt_core import benchmarks as B
     from vgt_core.config import GenerationConfig, validate_model
     from vgt_core.latents import process_state
@@ -263,8 +263,8 @@ def _bench(args: argparse.Namespace, kind: str, benchmark: str, prompts_source: 
     flags = {key: getattr(args, key) for key in GENERATION_FLAGS if getattr(args, key) is not None}
     generation = validate_model(GenerationConfig, {**pipe.defaults.model_dump(), **flags, "seed": None}, "generation settings")
     settings = {
-        "benchmark": benchmark, "model": str(Path(args.model).resolve()), "prompts": str(prompts_source.resolve()),
-        "prompts_sha256": B.file_sha256(prompts_source) if prompts_source.is_file() else None,
+        "benchmark": benchmark, "model": str(Path(args.model).resolve()), "prompts": str(prompts[0].resolve()),
+        "prompts_sha256": B.content_sha256(prompts[1]),
         "images_per_prompt": images, "seed": args.seed, "seeds": "prompt k, image j: seed + k * images_per_prompt + j",
         "prompt_rewrite": "none", "dtype": str(pipe.dtype).removeprefix("torch."),
         "generation": generation.model_dump(mode="json", exclude={"seed"}),
@@ -290,7 +290,7 @@ def cmd_bench_geneval(args: argparse.Namespace) -> None:
     shard = _shard(args)
     metadata = B.read_geneval_metadata(args.metadata)
     jobs = lambda out, pipe: B.geneval_jobs(out, metadata, args.images, args.grid)  # noqa: E731
-    _bench(args, B.GENEVAL_KIND, "geneval", Path(args.metadata), jobs, args.images, shard)
+    _bench(args, B.GENEVAL_KIND, "geneval", (Path(args.metadata), metadata), jobs, args.images, shard)
 
 
 @command("bench-dpg")
@@ -300,7 +300,7 @@ def cmd_bench_dpg(args: argparse.Namespace) -> None:
     shard = _shard(args)
     prompts = B.read_dpg_prompts(args.prompts)
     jobs = lambda out, pipe: B.dpg_jobs(out, prompts, pipe.autoencoder.image_size)  # noqa: E731 - a tile is one image
-    _bench(args, B.DPG_KIND, "dpg", Path(args.prompts), jobs, B.DPG_TILES, shard)
+    _bench(args, B.DPG_KIND, "dpg", (Path(args.prompts), prompts), jobs, B.DPG_TILES, shard)
 
 
 @command("bench-summary")
