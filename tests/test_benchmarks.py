@@ -254,7 +254,7 @@ def test_imagenet256_protocol_keeps_the_aspect_ratio_and_crops_the_centre(tmp_pa
     assert abs(float((scored[0] > 0).float().mean()) - 1 / 6) < 0.02
 
 
-def test_eval_recon_imagenet256_reports_every_setting(model, tmp_path, capsys, monkeypatch):
+def test_eval_recon_imagenet256_reports_every_setting(model, tmp_path, capsys, monkeypatch, random_inception_weights):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))  # no Inception weights: rFID skipped
     (tmp_path / "images").mkdir()
     rng = np.random.default_rng(0)
@@ -264,8 +264,10 @@ def test_eval_recon_imagenet256_reports_every_setting(model, tmp_path, capsys, m
     args = ["eval-recon", "--model", str(model / "ae"), "--data", str(tmp_path / "images"), "--batch-size", "2", "--json"]
     assert vgt(*args, "--protocol", "imagenet256", "--inception-weights", str(tmp_path / "none.pth")) == 2
     assert "Inception weights not found" in capsys.readouterr().err  # an explicit path that is missing is an error
-    assert vgt(*args, "--protocol", "imagenet256") == 0
+    assert vgt(*args, "--protocol", "imagenet256", "--inception-weights", str(random_inception_weights)) == 0
     result = json.loads(capsys.readouterr().out)
+    assert result["rfid"] is not None and np.isfinite(result["rfid"])  # torch-fidelity's Inception, read as tensors
+    assert result["settings"]["inception_weights"] == str(random_inception_weights)
     protocol = result["settings"]["protocol"]
     assert protocol["name"] == "imagenet256" and protocol["input_size"] == SIZE and protocol["score_size"] == 256
     assert result["n_images"] == 3 and result["settings"]["processes"] == 1 and np.isfinite(result["psnr"])
