@@ -8,7 +8,9 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from conftest import REPO
 
@@ -106,3 +108,17 @@ def test_real_weights_round_trip_equals_transformers(installed, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split()[-1] == "ok"
+
+
+def test_the_documented_train_command_runs_offline(installed, tmp_path):
+    """docs/plugins.md §8's command, on a folder of images, with an empty torch hub cache: nothing to download."""
+    rng = np.random.default_rng(0)
+    (tmp_path / "images").mkdir()
+    for i in range(8):  # one batch of the preset's recipe
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "images" / f"{i}.png")
+    env = {**installed, "TORCH_HOME": str(tmp_path / "torch-home"), "HF_HUB_OFFLINE": "1"}
+    command = ["train-ae", "--preset", "tiny-smolvlm", "--data", str(tmp_path / "images"), "--out", str(tmp_path / "ae"), "--steps", "2", "--quiet"]
+    result = subprocess.run([sys.executable, "-m", "vgt_core.cli", *command], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "VGT-AE stage 1 saved to" in result.stdout
+    assert not (tmp_path / "torch-home").exists()  # no LPIPS trunk was fetched

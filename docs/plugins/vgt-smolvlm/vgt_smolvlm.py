@@ -86,5 +86,15 @@ def vgt_register_presets(register):
             "backbone": {"name": "smolvlm-lm", "options": {"config": TINY, "tokenizer": "byte-level"}},
             "sampler": {"name": "queryar"},
             "generator": {"head_depth": 2, "head_width": 64, "max_grid": 8},
+            # CPU-sized recipes; perceptual_weight 0: no LPIPS, whose VGG weights would be downloaded
+            "train_ae": {
+                "stage1": {"steps": 200, "batch_size": 8, "lr": 1.0e-3, "warmup_steps": 10, "perceptual_weight": 0.0,
+                           "disc_channels": 16, "log_every": 20, "sample_every": 100, "checkpoint_every": 100},
+                "stage2": {"steps": 100, "batch_size": 8, "warmup_steps": 10, "perceptual_weight": 0.0,
+                           "disc_channels": 16, "log_every": 20, "sample_every": 50, "checkpoint_every": 50},
+            },
+            "train_ar": {"steps": 200, "batch_size": 8, "lr": 1.0e-3, "warmup_steps": 10, "log_every": 20,
+                         "sample_every": 100, "checkpoint_every": 100},
+            "generation": {"num_sampling_steps": 10, "guidance_scale": 2.0},
         },
     )
