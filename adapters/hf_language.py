@@ -31,9 +31,8 @@ from vgt_adapters.tokenizers import BYTE_LEVEL, BYTE_LEVEL_SIZE
 class LanguageOptions(PretrainedOptions):
     tokenizer: str | None = Field(
         None,
-        description=f"hub id or folder of the tokenizer (default: `pretrained`), or `{BYTE_LEVEL}`: vgt's "
-        f"{BYTE_LEVEL_SIZE}-token byte tokenizer plus the image-start token, for random-weight models "
-        "(text_config.vocab_size must cover it)",
+        description="hub id or folder of the tokenizer (default: `pretrained`'s), or `byte-level`: vgt's 260-token "
+        "byte tokenizer plus the image-start token, for random-weight models (text_config.vocab_size must cover it)",
     )
     image_start_token: str | None = Field(
         None, description="appended to every prompt when it is one token of the vocabulary (default: the family's)"

@@ -113,7 +113,9 @@ class HFVisionEncoder(nn.Module):
     def native_image_size(self) -> int:
         """The side the VLM was trained at: ``image_size`` when the options give none."""
         if self.vision_config is None or not hasattr(self.vision_config, "image_size"):
-            raise NotImplementedError(f"{type(self).__name__}: override native_image_size() (no vision_config.image_size)")
+            raise NotImplementedError(
+                f"{type(self).__name__}: override native_image_size() (the config has no vision_config.image_size)"
+            )
         return self.pair(self.vision_config.image_size)[0]
 
     def output_dim(self) -> int:

@@ -65,6 +65,11 @@ with torch.no_grad():
     want = torch.stack(hf.get_image_features(pixel_values=pixels[:, None]).pooler_output)  # transformers' own path
     grey = encoder(torch.zeros(2, 3, 64, 64))  # all zeros once normalised: get_image_features would drop it
 assert got.shape == (2, 16, 64) and encoder.grid(64) == (4, 4) and encoder.feature_dim == 64
+try:  # the connector's pixel shuffle needs a square grid: said when the grid is asked for, not at a reshape
+    encoder.grid((64, 32))
+    raise SystemExit("a non-square grid was accepted")
+except ValueError as exc:
+    assert "square" in str(exc)
 assert torch.equal(got, want), (got - want).abs().max()
 assert grey.shape == (2, 16, 64)
 

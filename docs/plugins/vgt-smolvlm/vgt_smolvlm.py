@@ -30,7 +30,9 @@ class SmolVLMEncoder(HFVisionEncoder):
         h, w = self.pair(image_size)
         step = self.vision_config.patch_size * self.config.scale_factor
         if h != w or h % step:
-            raise ValueError(f"SmolVLM's connector pixel-shuffles square grids: image_size {h}x{w} must be square and a multiple of {step}")
+            raise ValueError(
+                f"SmolVLM's connector pixel-shuffles square grids: image_size {h}x{w} must be square and a multiple of {step}"
+            )
         return h // step, w // step
 
     def forward(self, images):
