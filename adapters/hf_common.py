@@ -283,28 +283,49 @@ def checkpoint_transformer(model: PreTrainedModel) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+def text_config_name(config: PretrainedConfig) -> str | None:
+    """The attribute of ``config`` holding its language model's config (``text_config`` in every VLM transformers
+    ships), found through transformers' own ``get_text_config``; None for a text-only config."""
+    text = config.get_text_config(decoder=True)
+    return next((name for name in config.sub_configs if getattr(config, name, None) is text), None)
+
+
+def other_sub_configs(config: PretrainedConfig, keep: str | None) -> tuple[str, ...]:
+    """The sub-configs of ``config`` other than ``keep`` that are set (the halves a component never builds)."""
+    return tuple(name for name in config.sub_configs if name != keep and getattr(config, name, None) is not None)
+
+
+def child_name(parent: nn.Module, child: nn.Module) -> str:
+    """The attribute under which ``parent`` holds ``child`` directly."""
+    name = next((name for name, module in parent.named_children() if module is child), None)
+    if name is None:
+        raise ValueError(f"{type(child).__name__} is not a direct child of {type(parent).__name__}")
+    return name
+
+
 def export_config(
     config: PretrainedConfig,
     folder: Path,
     options: PretrainedOptions,
     *,
-    drop: str | None = None,
+    drop: tuple[str, ...] = (),
     keep: tuple[str, ...] = (),
     **extra: Any,
 ) -> dict:
     """Save ``config`` into ``folder`` and return options that rebuild the architecture from there.
 
-    ``drop`` names the sub-config of the half the component never builds (``text_config``/``vision_config``):
-    it is written as its model type and the ``keep`` keys the kept part reads, nothing else, so a reload does not
+    ``drop`` names the sub-configs of the half the component never builds (``text_config``/``vision_config``):
+    each is written as its model type and the ``keep`` keys the kept part reads, nothing else, so a reload does not
     carry (or build) the other half; its class defaults fill the rest, on the meta device only."""
     config.save_pretrained(folder)
-    if drop is not None:
+    if drop:
         from vgt_core.serialization import read_json, write_json
 
         path = folder / "config.json"
         data = read_json(path)
-        sub = data.get(drop) or {}
-        data[drop] = {key: sub[key] for key in ("model_type", *keep) if key in sub}
+        for name in drop:
+            sub = data.get(name) or {}
+            data[name] = {key: sub[key] for key in ("model_type", *keep) if key in sub}
         write_json(path, data)
     update = {"pretrained": ".", "config": None, "load_weights": False, "revision": None, **extra}
     return type(options).model_validate({**options.model_dump(), **update}).model_dump(mode="json")

@@ -13,23 +13,30 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import Field
 from torch import nn
-from transformers import AutoModel, AutoTokenizer, DynamicCache, PretrainedConfig
+from transformers import AutoModel, AutoTokenizer, DynamicCache, PretrainedConfig, PreTrainedModel
 
 from vgt_adapters.hf_common import (
     PretrainedOptions,
     checkpoint_transformer,
     export_config,
     load_part,
+    other_sub_configs,
     resolve_config,
+    text_config_name,
     torch_dtype,
 )
+from vgt_adapters.tokenizers import BYTE_LEVEL, BYTE_LEVEL_SIZE
 
 
 class LanguageOptions(PretrainedOptions):
     tokenizer: str | None = Field(
-        None, description="hub id or folder of the tokenizer (default: `pretrained`; a byte-level one if neither)"
+        None,
+        description="hub id or folder of the tokenizer (default: `pretrained`'s), or `byte-level`: vgt's 260-token "
+        "byte tokenizer plus the image-start token, for random-weight models (text_config.vocab_size must cover it)",
     )
-    image_start_token: str | None = Field(None, description="appended to every prompt (default: the family's)")
+    image_start_token: str | None = Field(
+        None, description="appended to every prompt when it is one token of the vocabulary (default: the family's)"
+    )
     use_chat_template: bool = Field(True, description="wrap prompts in the tokenizer's chat template as a user turn")
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
         "sdpa", description="attention kernel of the language model"
@@ -37,9 +44,39 @@ class LanguageOptions(PretrainedOptions):
 
 
 class HFLanguageBackbone(nn.Module):
-    """Base of VLM language backbones; subclasses set the classes and the image-start token."""
+    """Base of VLM language backbones: a family sets two class attributes, usually nothing else.
 
-    model_class: ClassVar[Any]
+    Set by a subclass (class attributes):
+
+    ==========================  ============================================================================
+    ``model_class``             required: the transformers VLM class (``...ForConditionalGeneration``)
+    ``config_class``            required: its config class (``config`` dicts are read with it)
+    ``default_image_start``     ``None``: the token appended after every prompt (where the image begins);
+                                ``image_start_token`` overrides it; nothing is appended when it is not one
+                                token of the vocabulary
+    ==========================  ============================================================================
+
+    Hooks a subclass may override (defaults find things through transformers' own accessors, so a family whose
+    LM sits at ``language_model``, ``text_model`` or ``decoder`` needs none of them):
+
+    ==========================  ============================================================================
+    ``keep_language(vlm)``      the base text model inside the VLM (built on the meta device; only it is read
+                                from the checkpoint). Default: ``vlm.get_decoder()``
+    ``language_config(config)`` the text model's config. Default: ``config.get_text_config(decoder=True)``
+    ==========================  ============================================================================
+
+    Set by ``__init__`` for the subclass to read: ``options`` (``LanguageOptions``), ``config`` (the whole VLM
+    config), ``text_config``, ``lm`` (the text model), ``hidden_size``, ``tokenizer``, ``image_start_id``
+    (``None`` when no token is appended), ``pad_id``.
+
+    With no weights to load (``config`` only, or ``load_weights: false``) the text model is
+    ``AutoModel.from_config(text_config)``, the class ``keep_language`` returns in every transformers VLM.
+    The tokenizer is ``tokenizer``, else ``pretrained``'s; with neither, building fails: a random-weight model
+    names ``tokenizer: byte-level`` (vgt's byte tokenizer, to which the image-start token is added so the family's
+    prompt layout is kept) or a tokenizer folder.
+    """
+
+    model_class: ClassVar[type[PreTrainedModel]]
     config_class: ClassVar[type[PretrainedConfig]]
     default_image_start: ClassVar[str | None] = None
 
@@ -47,45 +84,66 @@ class HFLanguageBackbone(nn.Module):
         super().__init__()
         self.options = options
         self.config = resolve_config(options, self.config_class)
-        self.config.text_config._attn_implementation = options.attn_implementation
+        self.text_config = self.language_config(self.config)
+        self.text_config._attn_implementation = options.attn_implementation
         if options.pretrained is not None and options.load_weights:
             # only the language model is built and read (no vision tower, no LM head)
             self.lm = load_part(self.model_class, self.config, self.keep_language, options)
         else:  # the text model is a transformers model of its own: built directly from its config
             self.lm = AutoModel.from_config(
-                self.config.text_config,
+                self.text_config,
                 attn_implementation=options.attn_implementation,
                 dtype=torch_dtype(options.dtype) or torch.float32,
             )
-        self.hidden_size = self.config.text_config.hidden_size
+        self.hidden_size = self.text_config.hidden_size
         self._cache_keyword = _cache_keyword(self.lm)  # once: forward runs on every decoding step
-        self.tokenizer = self._load_tokenizer(options)
         start = options.image_start_token or self.default_image_start
-        vocab = self.tokenizer.get_vocab()
-        self.image_start_id = vocab.get(start) if start else None
+        self.tokenizer = self._load_tokenizer(options, start)
+        self.image_start_id = self.tokenizer.get_vocab().get(start) if start else None
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        if len(self.tokenizer) > self.lm.get_input_embeddings().num_embeddings:
+        embedded = self.lm.get_input_embeddings().num_embeddings
+        if len(self.tokenizer) > embedded:
             raise ValueError(
-                f"tokenizer has {len(self.tokenizer)} tokens but the model embeds only "
-                f"{self.lm.get_input_embeddings().num_embeddings}"
+                f"the tokenizer ({options.tokenizer or options.pretrained}) has {len(self.tokenizer)} tokens but the "
+                f"language model embeds only {embedded}: raise text_config.vocab_size to at least "
+                f"{len(self.tokenizer)}, or name a tokenizer that fits"
             )
+
+    # -- per-family hooks ---------------------------------------------------------------------------------------
 
     def keep_language(self, vlm: nn.Module) -> nn.Module:
         """The base text model of the VLM (built on the meta device: only this part gets weights); the same class
-        ``AutoModel.from_config(text_config)`` builds."""
-        return vlm.model.language_model
+        ``AutoModel.from_config(text_config)`` builds. transformers' ``get_decoder`` knows where each family keeps
+        it (``language_model``, ``text_model``, ...)."""
+        lm = vlm.get_decoder()
+        if lm is vlm or not isinstance(lm, PreTrainedModel):
+            raise TypeError(
+                f"{type(self).__name__}: transformers' get_decoder() finds no language model in "
+                f"{type(vlm).__name__}: override keep_language(vlm) to return it"
+            )
+        return lm
+
+    def language_config(self, config: PretrainedConfig) -> PretrainedConfig:
+        """The text model's config inside the VLM's (``text_config`` in every family transformers ships)."""
+        return config.get_text_config(decoder=True)
+
+    # -- shared -------------------------------------------------------------------------------------------------
 
     def enable_gradient_checkpointing(self) -> None:
         """Recompute the LM's layers in the backward pass (transformers' own switch, non-reentrant)."""
         checkpoint_transformer(self.lm)
 
-    @staticmethod
-    def _load_tokenizer(options: LanguageOptions) -> Any:
+    def _load_tokenizer(self, options: LanguageOptions, image_start: str | None) -> Any:
         source = options.tokenizer or options.pretrained
         if source is None:
+            raise ValueError(
+                f"{type(self).__name__}: no tokenizer: set the backbone option `tokenizer` to a hub id or folder, or "
+                f"to `{BYTE_LEVEL}` (vgt's {BYTE_LEVEL_SIZE}-token byte tokenizer, for random-weight models)"
+            )
+        if source == BYTE_LEVEL:
             from vgt_adapters.tokenizers import byte_level_tokenizer
 
-            return byte_level_tokenizer()
+            return byte_level_tokenizer([image_start] if image_start else [])
         return AutoTokenizer.from_pretrained(source, revision=options.revision)
 
     # -- ARBackbone ---------------------------------------------------------------------------------------------
@@ -144,7 +202,8 @@ class HFLanguageBackbone(nn.Module):
     def export(self, folder: Path) -> dict:
         """The tokenizer and the VLM config without its vision tower, so a reload never builds it."""
         self.tokenizer.save_pretrained(folder)
-        return export_config(self.config, folder, self.options, drop="vision_config", tokenizer=".")
+        drop = other_sub_configs(self.config, text_config_name(self.config))
+        return export_config(self.config, folder, self.options, drop=drop, tokenizer=".")
 
 
 def _cache_keyword(lm: torch.nn.Module) -> str:

@@ -13,14 +13,16 @@ from typing import Any, ClassVar
 import torch
 from pydantic import Field
 from torch import nn
-from transformers import AutoImageProcessor, PretrainedConfig
+from transformers import AutoImageProcessor, PretrainedConfig, PreTrainedModel
 
 from vgt_adapters.hf_common import (
     PretrainedOptions,
     checkpoint_transformer,
+    child_name,
     export_config,
     load_part,
     resolve_config,
+    text_config_name,
 )
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -34,9 +36,43 @@ class VisionOptions(PretrainedOptions):
 
 
 class HFVisionEncoder(nn.Module):
-    """Base of VLM vision encoders; subclasses set the class attributes and the four hooks below."""
+    """Base of VLM vision encoders: a family sets the classes and ``grid``; the rest has defaults that hold for
+    VLMs laid out as transformers' usual ``model.{vision tower, projector, language model}``.
 
-    model_class: ClassVar[Any]
+    Set by a subclass (class attributes):
+
+    ==========================  ============================================================================
+    ``model_class``             required: the transformers VLM class (``...ForConditionalGeneration``)
+    ``config_class``            required: its config class (``config`` dicts are read with it)
+    ``default_mean/std``        ImageNet's: pixel normalisation when the checkpoint has no image processor
+                                (``IMAGENET_*``, ``CLIP_*`` here; ``image_mean/std`` options override both)
+    ``text_config_keys``        ``("hidden_size",)``: what the kept part reads of the LM's config; the export
+                                keeps only these of it
+    ==========================  ============================================================================
+
+    Hooks:
+
+    ==========================  ============================================================================
+    ``grid(image_size)``        required: the latent grid ``(h, w)`` for an input side (int) or ``(H, W)``
+    ``keep_vision(vlm)``        the module that stays in memory, ``self.tower`` (``vlm`` is built on the meta
+                                device: only what this returns is read). Default: ``vlm.model`` with its language
+                                model (found by ``get_decoder()``) set to ``None``
+    ``native_image_size()``     default ``vision_config.image_size`` (its height when a pair)
+    ``output_dim()``            the feature width ``d``. Default: the LM's ``hidden_size`` (the projector maps
+                                to it)
+    ``preprocess(images)``      ``[-1, 1]`` images -> what the tower reads. Default: ``normalize(images)``
+    ``forward(images)``         ``(B, 3, H, W)`` in ``[-1, 1]`` -> ``(B, h*w, d)``. Default: the tower's
+                                ``get_image_features(pixel_values=preprocess(images))``, its pooled output
+                                (tensor, list or tuple of per-image features) made one ``(B, N, d)`` tensor
+    ==========================  ============================================================================
+
+    Set by ``__init__`` for the hooks to read: ``options`` (``VisionOptions``), ``config`` (the whole VLM config),
+    ``text_config`` (the LM's, via ``get_text_config``), ``vision_config``, ``tower``, ``image_mean/std``,
+    ``image_size``, ``feature_dim``. Helpers: ``pair(size)`` (an int or a pair -> ``(h, w)``),
+    ``normalize(images)``, ``batched_features(features, batch)``.
+    """
+
+    model_class: ClassVar[type[PreTrainedModel]]
     config_class: ClassVar[type[PretrainedConfig]]
     default_mean: ClassVar[tuple[float, float, float]] = IMAGENET_MEAN
     default_std: ClassVar[tuple[float, float, float]] = IMAGENET_STD
@@ -48,6 +84,8 @@ class HFVisionEncoder(nn.Module):
         super().__init__()
         self.options = options
         self.config = resolve_config(options, self.config_class)
+        self.text_config = self.config.get_text_config(decoder=True)
+        self.vision_config = getattr(self.config, "vision_config", None)
         # only the vision part is built and read; the language model stays on the meta device and is dropped
         self.tower = load_part(self.model_class, self.config, self.keep_vision, options)
         mean, std = self.image_mean, self.image_std = self._normalisation(options)
@@ -60,17 +98,38 @@ class HFVisionEncoder(nn.Module):
 
     def keep_vision(self, vlm: nn.Module) -> nn.Module:
         """The module that stays in memory: the vision tower and whatever maps it to the LM's input (``vlm`` is
-        built on the meta device: only what this returns gets weights)."""
-        raise NotImplementedError
+        built on the meta device: only what this returns gets weights). Default: the VLM's base model
+        (``vlm.model``) without its language model, wherever the family keeps it."""
+        model = vlm.base_model
+        lm = model.get_decoder() if hasattr(model, "get_decoder") else model
+        if model is vlm or lm is model:
+            raise TypeError(
+                f"{type(self).__name__}: no vision part and language model found in {type(vlm).__name__} "
+                f"(base_model, get_decoder()): override keep_vision(vlm) to return the vision part"
+            )
+        setattr(model, child_name(model, lm), None)
+        return model
 
     def native_image_size(self) -> int:
-        raise NotImplementedError
+        """The side the VLM was trained at: ``image_size`` when the options give none."""
+        if self.vision_config is None or not hasattr(self.vision_config, "image_size"):
+            raise NotImplementedError(
+                f"{type(self).__name__}: override native_image_size() (the config has no vision_config.image_size)"
+            )
+        return self.pair(self.vision_config.image_size)[0]
 
     def output_dim(self) -> int:
-        raise NotImplementedError
+        """The feature width ``d``: the LM's width, which the VLM's projector maps to."""
+        return self.text_config.hidden_size
 
     def grid(self, image_size: int | tuple[int, int]) -> tuple[int, int]:
-        raise NotImplementedError
+        """The latent grid ``(h, w)`` (``forward`` returns ``h * w`` tokens) for an input of ``image_size``."""
+        raise NotImplementedError(f"{type(self).__name__} must define grid(image_size)")
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W)`` in ``[-1, 1]`` -> ``(B, h*w, d)``: what the VLM's language model reads."""
+        out = self.tower.get_image_features(pixel_values=self.preprocess(images))
+        return self.batched_features(getattr(out, "pooler_output", out), images.shape[0])
 
     # -- shared -------------------------------------------------------------------------------------------------
 
@@ -103,7 +162,7 @@ class HFVisionEncoder(nn.Module):
             self.config,
             folder,
             self.options,
-            drop="text_config",
+            drop=tuple(filter(None, [text_config_name(self.config)])),
             keep=self.text_config_keys,
             image_size=self.image_size,
             image_mean=self.image_mean,
@@ -113,3 +172,20 @@ class HFVisionEncoder(nn.Module):
     @staticmethod
     def pair(size: int | tuple[int, int]) -> tuple[int, int]:
         return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+    @staticmethod
+    def batched_features(features: Any, batch: int) -> torch.Tensor:
+        """A tower's image features as one ``(batch, N, d)`` tensor, whichever way the family returns them: a
+        ``(B, N, d)`` tensor, a ``(B * N, d)`` one (images one after another), or a list/tuple of per-image
+        ``(N, d)`` tensors. A count that does not split into ``batch`` images is an error, not a reshape."""
+        if isinstance(features, (list, tuple)):
+            if len(features) != batch:
+                raise ValueError(f"the tower returned features of {len(features)} images for a batch of {batch}")
+            features = torch.stack([f.reshape(-1, f.shape[-1]) for f in features])
+        if features.dim() == 2:
+            if features.shape[0] % batch:
+                raise ValueError(f"{features.shape[0]} feature rows do not split into {batch} images")
+            features = features.reshape(batch, -1, features.shape[-1])
+        if features.dim() != 3 or features.shape[0] != batch:
+            raise ValueError(f"image features of shape {tuple(features.shape)} for a batch of {batch} images")
+        return features

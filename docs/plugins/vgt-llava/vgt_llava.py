@@ -6,7 +6,6 @@ The worked example of docs/plugins.md: a new VLM is one module on top of vgt's t
 
 from __future__ import annotations
 
-import torch
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
 from vgt_adapters.hf_language import HFLanguageBackbone, LanguageOptions
@@ -15,30 +14,20 @@ from vgt_core import hookimpl
 
 
 class LlavaEncoder(HFVisionEncoder):
-    """Features as LLaVA's LLM reads them: CLIP's penultimate layer without CLS, then the projector."""
+    """Features as LLaVA's LLM reads them: CLIP's penultimate layer without CLS, then the projector.
+
+    The adapter's defaults fit LLaVA's layout (``model.{vision_tower, multi_modal_projector, language_model}``):
+    the tower is ``vlm.model`` without its LM, the features ``get_image_features``' pooled output, their width the
+    LM's; only the grid is the family's own."""
 
     model_class = LlavaForConditionalGeneration
     config_class = LlavaConfig
     default_mean, default_std = CLIP_MEAN, CLIP_STD
 
-    def keep_vision(self, vlm):
-        model = vlm.model  # LlavaModel: vision_tower + multi_modal_projector (+ language_model, dropped)
-        model.language_model = None
-        return model
-
-    def native_image_size(self):
-        return self.config.vision_config.image_size
-
-    def output_dim(self):
-        return self.config.text_config.hidden_size
-
     def grid(self, image_size):
         h, w = self.pair(image_size)
-        patch = self.config.vision_config.patch_size
+        patch = self.vision_config.patch_size
         return h // patch, w // patch
-
-    def forward(self, images):
-        return torch.stack(self.tower.get_image_features(pixel_values=self.preprocess(images)).pooler_output)
 
 
 class LlavaBackbone(HFLanguageBackbone):
@@ -81,7 +70,7 @@ def vgt_register_presets(register):
                 "encoder_layers_per_block": [1] * 5, "decoder_layers_per_block": [1] * 5,
                 "encoder_qkv_multiscales": [[]] * 5, "decoder_qkv_multiscales": [[]] * 5,
                 "upsample_block_type": "interpolate", "downsample_block_type": "Conv"}}},
-            "backbone": {"name": "llava-lm", "options": {"config": TINY}},
+            "backbone": {"name": "llava-lm", "options": {"config": TINY, "tokenizer": "byte-level"}},
             "sampler": {"name": "queryar"},
             "generator": {"head_depth": 2, "head_width": 64, "max_grid": 8},
         },

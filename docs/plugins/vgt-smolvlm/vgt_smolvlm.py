@@ -1,0 +1,102 @@
+"""SmolVLM (Marafioti et al., 2025, arXiv 2504.05299) for vgt: its SigLIP tower + pixel-shuffle connector as a
+VGT-AE encoder, its language model as an AR backbone, and a tiny preset to try both on a CPU.
+
+The second worked example of docs/plugins.md. Its layout differs from LLaVA's where it matters: the language
+model sits at ``model.text_model`` (not ``language_model``) and the connector merges each ``scale_factor``^2 patches
+into one token. vgt's adapters find the LM through transformers' ``get_decoder()``/``get_text_config()``, so
+this module overrides no loading hook.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration
+
+from vgt_adapters.hf_language import HFLanguageBackbone, LanguageOptions
+from vgt_adapters.hf_vision import HFVisionEncoder, VisionOptions
+from vgt_core import hookimpl
+
+SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
+
+
+class SmolVLMEncoder(HFVisionEncoder):
+    """Features as SmolVLM's LM reads them: SigLIP's last layer, pixel shuffle, the modality projection."""
+
+    model_class = SmolVLMForConditionalGeneration
+    config_class = SmolVLMConfig
+    default_mean, default_std = SIGLIP_MEAN, SIGLIP_STD
+
+    def grid(self, image_size):
+        h, w = self.pair(image_size)
+        step = self.vision_config.patch_size * self.config.scale_factor
+        if h != w or h % step:
+            raise ValueError(
+                f"SmolVLM's connector pixel-shuffles square grids: image_size {h}x{w} must be square and a multiple of {step}"
+            )
+        return h // step, w // step
+
+    def forward(self, images):
+        # The two modules get_image_features runs, called directly: it takes (B, images, C, H, W) and drops every
+        # image that is all zeros after normalisation (its padding convention), so a mid-grey image would vanish.
+        pixels = self.preprocess(images).to(self.tower.dtype)
+        return self.tower.connector(self.tower.vision_model(pixel_values=pixels).last_hidden_state)
+
+
+class SmolVLMBackbone(HFLanguageBackbone):
+    model_class = SmolVLMForConditionalGeneration
+    config_class = SmolVLMConfig
+    default_image_start = "<fake_token_around_image>"  # what precedes every image in SmolVLM's prompts
+
+
+TINY = {
+    "model_type": "smolvlm",
+    "scale_factor": 2,
+    "image_token_id": 3,
+    "vision_config": {"model_type": "smolvlm_vision", "hidden_size": 32, "intermediate_size": 64,
+                      "num_hidden_layers": 2, "num_attention_heads": 4, "image_size": 64, "patch_size": 8},
+    "text_config": {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                    "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 320,
+                    "bos_token_id": None, "eos_token_id": None, "pad_token_id": None},
+}
+
+
+@hookimpl
+def vgt_register_encoders(register):
+    register("smolvlm", SmolVLMEncoder, VisionOptions, "SmolVLM's SigLIP tower + pixel-shuffle connector")
+
+
+@hookimpl
+def vgt_register_backbones(register):
+    register("smolvlm-lm", SmolVLMBackbone, LanguageOptions, "SmolVLM's language model (model.text_model)")
+
+
+@hookimpl
+def vgt_register_presets(register):
+    register(
+        "tiny-smolvlm",
+        {
+            "description": "SmolVLM classes at toy size (64 px, 8x8 patches shuffled to a 4x4 latent), tiny DC-AE decoder",
+            "encoder": {"name": "smolvlm", "options": {"config": TINY}},
+            "decoder": {"name": "dcae", "options": {"config": {
+                "latent_channels": 32, "attention_head_dim": 8,
+                "encoder_block_types": ["ResBlock"] * 5, "decoder_block_types": ["ResBlock"] * 5,
+                "encoder_block_out_channels": [8, 16, 16, 32, 32], "decoder_block_out_channels": [16, 16, 32, 32, 64],
+                "encoder_layers_per_block": [1] * 5, "decoder_layers_per_block": [1] * 5,
+                "encoder_qkv_multiscales": [[]] * 5, "decoder_qkv_multiscales": [[]] * 5,
+                "upsample_block_type": "interpolate", "downsample_block_type": "Conv"}}},
+            # random weights come without a tokenizer: name vgt's byte-level one (it adds the image-start token)
+            "backbone": {"name": "smolvlm-lm", "options": {"config": TINY, "tokenizer": "byte-level"}},
+            "sampler": {"name": "queryar"},
+            "generator": {"head_depth": 2, "head_width": 64, "max_grid": 8},
+            # CPU-sized recipes; perceptual_weight 0: no LPIPS, whose VGG weights would be downloaded
+            "train_ae": {
+                "stage1": {"steps": 200, "batch_size": 8, "lr": 1.0e-3, "warmup_steps": 10, "perceptual_weight": 0.0,
+                           "disc_channels": 16, "log_every": 20, "sample_every": 100, "checkpoint_every": 100},
+                "stage2": {"steps": 100, "batch_size": 8, "warmup_steps": 10, "perceptual_weight": 0.0,
+                           "disc_channels": 16, "log_every": 20, "sample_every": 50, "checkpoint_every": 50},
+            },
+            "train_ar": {"steps": 200, "batch_size": 8, "lr": 1.0e-3, "warmup_steps": 10, "log_every": 20,
+                         "sample_every": 100, "checkpoint_every": 100},
+            "generation": {"num_sampling_steps": 10, "guidance_scale": 2.0},
+        },
+    )
