@@ -8,32 +8,20 @@ from __future__ import annotations
 import inspect
 import warnings
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
-from pydantic import Field
 from torch import nn
 from transformers import AutoModel, AutoTokenizer, DynamicCache, PretrainedConfig
 
+from vgt_adapters.options import LanguageOptions, PretrainedOptions  # noqa: F401 -- re-exported
 from vgt_adapters.hf_common import (
-    PretrainedOptions,
     checkpoint_transformer,
     export_config,
     load_part,
     resolve_config,
     torch_dtype,
 )
-
-
-class LanguageOptions(PretrainedOptions):
-    tokenizer: str | None = Field(
-        None, description="hub id or folder of the tokenizer (default: `pretrained`; a byte-level one if neither)"
-    )
-    image_start_token: str | None = Field(None, description="appended to every prompt (default: the family's)")
-    use_chat_template: bool = Field(True, description="wrap prompts in the tokenizer's chat template as a user turn")
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
-        "sdpa", description="attention kernel of the language model"
-    )
 
 
 class HFLanguageBackbone(nn.Module):

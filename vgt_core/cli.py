@@ -360,8 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from vgt_core.plugins import plugin_manager  # plugins may add commands of their own (see hookspecs)
 
-    for impl in plugin_manager().hook.vgt_add_commands.get_hookimpls():
-        impl.function(subparsers=sub, command=command)
+    plugin_manager().hook.vgt_add_commands(subparsers=sub, command=command)
     return parser
 
 
