@@ -24,7 +24,9 @@ Register = Callable[..., None]
 # Components: the four protocols of vgt_core.protocols, plus datasets.
 # Each ``register(name, factory, options=OptionsModel, description="")`` call adds one named component.
 # ``factory(options)`` receives an instance of ``options`` (a pydantic model, validated by the core before the
-# call) and returns the component. ``options`` defaults to a model with no fields.
+# call) and returns the component. ``options`` defaults to a model with no fields. ``factory`` and ``options`` may
+# be ``"package.module:attribute"`` strings, imported on first validation or build, so that loading the plugin
+# (every ``vgt`` command does) imports no torch; a lazy factory needs an explicit ``description``.
 # ---------------------------------------------------------------------------------------------------------------
 
 
