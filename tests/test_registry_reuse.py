@@ -88,6 +88,21 @@ def test_blocks_are_used_across_files_with_overrides(tmp_path):
     assert (preset.train_ar.steps, preset.train_ar.batch_size, preset.train_ar.lr, preset.train_ar.ema_decay) == (11, 4, 0.01, 0.9999)
 
 
+def test_the_example_of_docs_plugins_md_is_valid(tmp_path):
+    """The registry file of docs/plugins.md (#presets-and-registry-files), on tiny-internvl3 instead of the
+    example plugin's tiny-llava."""
+    doc = (REPO / "docs" / "plugins.md").read_text()
+    example = doc.split("```yaml\n# mine.yaml\n", 1)[1].split("```", 1)[0]
+    path = tmp_path / "mine.yaml"
+    path.write_text(example.replace("tiny-llava", "tiny-internvl3"))
+    book = load_presets(path)
+    vit, local = book.preset("tiny-internvl3-vit"), book.preset("tiny-internvl3-local")
+    assert (vit.decoder.name, vit.decoder.options["depth"], vit.decoder.options["width"]) == ("vit", 3, 64)
+    assert local.backbone.options["tokenizer"] == str(tmp_path / "tokenizer")
+    assert local.backbone.options["config"]["model_type"] == "internvl"  # merged into the base's backbone
+    assert book.preset("tiny-internvl3-mar").generation.tokens_per_step == 4
+
+
 def test_presets_of_plugins_extend_and_are_extended(tmp_path, register_plugin):
     class Presets:
         @hookimpl
@@ -167,6 +182,12 @@ def test_cli_shows_the_merged_preset_from_registry_flag_and_environment(tmp_path
     assert (shown["generator"]["head_depth"], shown["generator"]["head_width"], shown["sampler"]["name"]) == (5, 64, "mar")
     assert shown["decoder"]["options"]["config"]["latent_channels"] == 32  # the tiny-dcae block, filled in
     assert shown["backbone"]["options"]["attn_implementation"] == "sdpa"  # validated: the options' defaults shown
+    listing = subprocess.run([sys.executable, "-m", "vgt_core.cli", "presets", "--json"], capture_output=True, text=True, env=env)
+    assert listing.returncode == 0, listing.stderr
+    listed = json.loads(listing.stdout)
+    blocks = {row["name"]: row["source"] for row in listed["blocks"]}
+    assert Path(blocks["tiny-dcae"]).resolve() == (REPO / "registry.yaml").resolve()
+    assert {"one", "tiny-internvl3"} <= {row["name"] for row in listed["presets"]}
 
 
 if __name__ == "__main__":  # rewrite the golden file after a deliberate change of registry.yaml's presets

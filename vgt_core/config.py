@@ -503,8 +503,9 @@ class PresetBook:
     def names(self) -> list[str]:
         return sorted(self._presets)
 
-    def block_names(self) -> list[str]:
-        return sorted(self._blocks)
+    def blocks(self) -> dict[str, str]:
+        """Block name -> the file that defines it."""
+        return {name: source for name, (_, source) in sorted(self._blocks.items())}
 
     def source(self, name: str) -> str:
         return self._get(name)[1]
@@ -601,7 +602,7 @@ def check_preset(data: dict, source: str, prefix: str) -> Preset:
 
     preset = validate_model(Preset, data, source, prefix)
     reg = registry()
-    for kind in ("encoder", "decoder", "backbone", "sampler", "dataset"):
+    for kind in COMPONENT_KEYS:
         spec: ComponentSpec | None = getattr(preset, kind)
         if spec is None:
             continue

@@ -85,7 +85,8 @@ def vgt_register_presets(register: Register) -> None:
     """Register presets shipped by a plugin (for example a tiny preset of a new VLM for its tests).
 
     :param register: ``register(name, preset)`` where ``preset`` is a dict in the layout of a
-        ``registry.yaml`` preset; it is validated like one.
+        ``registry.yaml`` preset; it is validated like one, and may extend any preset (``base: NAME``) and use any
+        block (``use: NAME``) of the registry files, as their presets may extend it.
     """
 
 
