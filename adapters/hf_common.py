@@ -22,7 +22,7 @@ from torch import nn
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, cached_file
 
-from vgt_adapters.options import Dtype, PretrainedOptions  # noqa: F401 -- re-exported: options live in the torch-free module
+from vgt_adapters.options import Dtype, PretrainedOptions  # noqa: F401 -- re-exported (torch-free module)
 
 
 def torch_dtype(name: str | None) -> torch.dtype | None:

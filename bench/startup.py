@@ -1,4 +1,5 @@
-"""Start-up time: ``vgt --help``, ``vgt plugins``, ``vgt presets`` and ``import vgt_core``, each a fresh process, side by side.
+"""Start-up time: ``vgt --help``, ``vgt plugins``, ``vgt presets`` and ``import vgt_core``, each a fresh process, side
+by side.
 
     python bench/startup.py [--repeats 5] [--json OUT]
 
@@ -46,7 +47,8 @@ def main() -> None:
         verdict = (f"< {TARGET_S:.0f} s: " + ("holds" if sec < TARGET_S else "FAILS")) if name in CLI else ""
         print(f"{name:<18} {sec:>7.2f} {sec - base:>9.2f}  {verdict}")
     holds = {name: median[name] < TARGET_S for name in CLI}
-    print(f"\nslowest vgt command: {max(median[n] for n in CLI):.2f} s (import torch alone: {median['import torch']:.2f} s); "
+    slowest = max(median[n] for n in CLI)
+    print(f"\nslowest vgt command: {slowest:.2f} s (import torch alone: {median['import torch']:.2f} s); "
           f"target < {TARGET_S:.0f} s {'holds' if all(holds.values()) else 'fails'}")
     write_json(args.json, {**info, "script": "bench/startup.py", "command": " ".join(sys.argv), "repeats": args.repeats,
                            "seconds": {k: round(v, 3) for k, v in median.items()}, "target_s": TARGET_S,

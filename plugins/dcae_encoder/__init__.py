@@ -9,4 +9,7 @@ from vgt_core import hookimpl
 
 @hookimpl
 def vgt_register_encoders(register):
-    register("dcae-encoder", "vgt_plugins.dcae_encoder.model:DCAEEncoder", DiffusersEncoderOptions, "DC-AE encoder (diffusers AutoencoderDC): a pixel autoencoder, no VLM")
+    register(
+        "dcae-encoder", "vgt_plugins.dcae_encoder.model:DCAEEncoder", DiffusersEncoderOptions,
+        "DC-AE encoder (diffusers AutoencoderDC): a pixel autoencoder, no VLM",
+    )

@@ -9,9 +9,15 @@ from vgt_core import hookimpl
 
 @hookimpl
 def vgt_register_encoders(register):
-    register("internvl3", "vgt_plugins.internvl3.model:InternVL3Encoder", VisionOptions, "InternVL3's InternViT + pixel shuffle + projector")
+    register(
+        "internvl3", "vgt_plugins.internvl3.model:InternVL3Encoder", VisionOptions,
+        "InternVL3's InternViT + pixel shuffle + projector",
+    )
 
 
 @hookimpl
 def vgt_register_backbones(register):
-    register("internvl3-lm", "vgt_plugins.internvl3.model:InternVL3Backbone", LanguageOptions, "InternVL3's language model (Qwen2.5)")
+    register(
+        "internvl3-lm", "vgt_plugins.internvl3.model:InternVL3Backbone", LanguageOptions,
+        "InternVL3's language model (Qwen2.5)",
+    )

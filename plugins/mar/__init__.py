@@ -16,4 +16,7 @@ class MAROptions(Options):
 
 @hookimpl
 def vgt_register_samplers(register):
-    register("mar", "vgt_plugins.mar.model:MAR", MAROptions, "MAR baseline: bidirectional masked prediction, cosine schedule")
+    register(
+        "mar", "vgt_plugins.mar.model:MAR", MAROptions,
+        "MAR baseline: bidirectional masked prediction, cosine schedule",
+    )

@@ -25,4 +25,7 @@ class QueryAROptions(Options):
 
 @hookimpl
 def vgt_register_samplers(register):
-    register("queryar", "vgt_plugins.queryar.model:QueryAR", QueryAROptions, "QueryAR: position queries, random order, KV-cached parallel decoding")
+    register(
+        "queryar", "vgt_plugins.queryar.model:QueryAR", QueryAROptions,
+        "QueryAR: position queries, random order, KV-cached parallel decoding",
+    )

@@ -9,9 +9,15 @@ from vgt_core import hookimpl
 
 @hookimpl
 def vgt_register_encoders(register):
-    register("qwen25vl", "vgt_plugins.qwen25vl.model:Qwen25VLEncoder", VisionOptions, "Qwen2.5-VL's ViT with its patch merger")
+    register(
+        "qwen25vl", "vgt_plugins.qwen25vl.model:Qwen25VLEncoder", VisionOptions,
+        "Qwen2.5-VL's ViT with its patch merger",
+    )
 
 
 @hookimpl
 def vgt_register_backbones(register):
-    register("qwen25vl-lm", "vgt_plugins.qwen25vl.model:Qwen25VLBackbone", LanguageOptions, "Qwen2.5-VL's language model")
+    register(
+        "qwen25vl-lm", "vgt_plugins.qwen25vl.model:Qwen25VLBackbone", LanguageOptions,
+        "Qwen2.5-VL's language model",
+    )

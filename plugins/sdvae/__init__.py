@@ -9,4 +9,7 @@ from vgt_core import hookimpl
 
 @hookimpl
 def vgt_register_decoders(register):
-    register("sdvae", "vgt_plugins.sdvae.model:SDVAEDecoder", DiffusersDecoderOptions, "SD-VAE decoder (diffusers AutoencoderKL), 32-channel input")
+    register(
+        "sdvae", "vgt_plugins.sdvae.model:SDVAEDecoder", DiffusersDecoderOptions,
+        "SD-VAE decoder (diffusers AutoencoderKL), 32-channel input",
+    )

@@ -20,4 +20,7 @@ class ViTDecoderOptions(Options):
 
 @hookimpl
 def vgt_register_decoders(register):
-    register("vit", "vgt_plugins.vit_decoder.model:ViTDecoder", ViTDecoderOptions, "ViT decoder from timm blocks + unpatchify")
+    register(
+        "vit", "vgt_plugins.vit_decoder.model:ViTDecoder", ViTDecoderOptions,
+        "ViT decoder from timm blocks + unpatchify",
+    )
