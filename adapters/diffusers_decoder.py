@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from vgt_adapters.diffusers_common import (
-    DiffusersOptions,
     checkpoint_half,
     export_autoencoder,
     keep_half,

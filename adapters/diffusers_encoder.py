@@ -15,7 +15,6 @@ import torch
 from torch import nn
 
 from vgt_adapters.diffusers_common import (
-    DiffusersOptions,
     checkpoint_half,
     export_autoencoder,
     keep_half,
