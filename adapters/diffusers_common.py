@@ -11,16 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import Field
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from vgt_adapters.hf_common import PretrainedOptions, torch_dtype
+from vgt_adapters.hf_common import torch_dtype
+from vgt_adapters.options import DiffusersOptions  # noqa: F401 -- re-exported
 from vgt_core.checkpointing import checkpoint_forward
-
-
-class DiffusersOptions(PretrainedOptions):
-    subfolder: str | None = Field(None, description="subfolder of `pretrained` holding the autoencoder")
 
 
 def diffusers_class(model_class: str | type) -> type:

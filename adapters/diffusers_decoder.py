@@ -7,25 +7,19 @@ VGT reads a 16x16 latent from a 448 px image (stride 28) while DC-AE upsamples 3
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import nn
 
 from vgt_adapters.diffusers_common import (
-    DiffusersOptions,
     checkpoint_half,
     export_autoencoder,
     keep_half,
     load_autoencoder,
 )
-
-
-class DiffusersDecoderOptions(DiffusersOptions):
-    latent_channels: int = Field(32, gt=0)
-    resize: Literal["bilinear", "bicubic", "nearest"] = "bilinear"
+from vgt_adapters.options import DiffusersDecoderOptions  # noqa: F401 -- re-exported
 
 
 class DiffusersDecoder(nn.Module):

@@ -12,20 +12,15 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from pydantic import Field
 from torch import nn
 
 from vgt_adapters.diffusers_common import (
-    DiffusersOptions,
     checkpoint_half,
     export_autoencoder,
     keep_half,
     load_autoencoder,
 )
-
-
-class DiffusersEncoderOptions(DiffusersOptions):
-    image_size: int = Field(512, gt=0, description="input side in pixels; a multiple of the encoder's downsampling")
+from vgt_adapters.options import DiffusersEncoderOptions  # noqa: F401 -- re-exported
 
 
 class DiffusersEncoder(nn.Module):

@@ -12,46 +12,17 @@ import copy
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 import torch
 from accelerate import init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
-from pydantic import Field, model_validator
 from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, cached_file
 
-from vgt_core.registry import Options
-
-Dtype = Literal["float32", "bfloat16", "float16"]
-
-
-class PretrainedOptions(Options):
-    """Where a component's weights come from."""
-
-    pretrained: str | None = Field(None, description="hub id or local folder (from_pretrained)")
-    config: dict[str, Any] | None = Field(
-        None, description="a transformers/diffusers config as a dict: the architecture when `pretrained` is unset"
-    )
-    load_weights: bool = Field(True, description="false: build the architecture only (weights come from elsewhere)")
-    revision: str | None = None
-    dtype: Dtype | None = Field(None, description="dtype of the weights: float32 (the default), bfloat16 or float16")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _moved_options(cls, data: Any) -> Any:
-        """``gradient_checkpointing`` was a component option; the training config's switch now covers every
-        component. ``false`` (what older saved folders hold) is dropped; ``true`` says where the switch went."""
-        if isinstance(data, dict) and "gradient_checkpointing" in data:
-            data = dict(data)
-            if data.pop("gradient_checkpointing"):
-                raise ValueError(
-                    "gradient_checkpointing is no longer a component option: set train_ae.stage1/stage2."
-                    "gradient_checkpointing or train_ar.gradient_checkpointing in the preset (one switch for every component)"
-                )
-        return data
+from vgt_adapters.options import Dtype, PretrainedOptions  # noqa: F401 -- re-exported (torch-free module)
 
 
 def torch_dtype(name: str | None) -> torch.dtype | None:

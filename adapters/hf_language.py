@@ -8,15 +8,14 @@ from __future__ import annotations
 import inspect
 import warnings
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
-from pydantic import Field
 from torch import nn
 from transformers import AutoModel, AutoTokenizer, DynamicCache, PretrainedConfig, PreTrainedModel
 
+from vgt_adapters.options import LanguageOptions, PretrainedOptions  # noqa: F401 -- re-exported
 from vgt_adapters.hf_common import (
-    PretrainedOptions,
     checkpoint_transformer,
     export_config,
     load_part,
@@ -26,21 +25,6 @@ from vgt_adapters.hf_common import (
     torch_dtype,
 )
 from vgt_adapters.tokenizers import BYTE_LEVEL, BYTE_LEVEL_SIZE
-
-
-class LanguageOptions(PretrainedOptions):
-    tokenizer: str | None = Field(
-        None,
-        description="hub id or folder of the tokenizer (default: `pretrained`'s), or `byte-level`: vgt's 260-token "
-        "byte tokenizer plus the image-start token, for random-weight models (text_config.vocab_size must cover it)",
-    )
-    image_start_token: str | None = Field(
-        None, description="appended to every prompt when it is one token of the vocabulary (default: the family's)"
-    )
-    use_chat_template: bool = Field(True, description="wrap prompts in the tokenizer's chat template as a user turn")
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
-        "sdpa", description="attention kernel of the language model"
-    )
 
 
 class HFLanguageBackbone(nn.Module):

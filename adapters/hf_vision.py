@@ -11,12 +11,11 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from pydantic import Field
 from torch import nn
 from transformers import AutoImageProcessor, PretrainedConfig, PreTrainedModel
 
+from vgt_adapters.options import PretrainedOptions, VisionOptions  # noqa: F401 -- re-exported
 from vgt_adapters.hf_common import (
-    PretrainedOptions,
     checkpoint_transformer,
     child_name,
     export_config,
@@ -27,12 +26,6 @@ from vgt_adapters.hf_common import (
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
-
-
-class VisionOptions(PretrainedOptions):
-    image_size: int | None = Field(None, description="input side in pixels (default: the model's own)")
-    image_mean: tuple[float, float, float] | None = Field(None, description="default: the model's preprocessor")
-    image_std: tuple[float, float, float] | None = None
 
 
 class HFVisionEncoder(nn.Module):

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import copy
 import os
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded in tests
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -23,8 +21,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def builtin_preset(name: str) -> dict:
-    """A preset of the repository's registry.yaml as a plain dict (to modify in a test)."""
-    return copy.deepcopy(yaml.safe_load((REPO / "registry.yaml").read_text())["presets"][name])
+    """A preset of the repository's registry.yaml as a plain dict (to modify in a test): its base merged and its
+    blocks filled in, as ``vgt presets show`` resolves it, before validation."""
+    from vgt_core.config import PresetBook
+
+    book = PresetBook()
+    book.add_file(REPO / "registry.yaml")
+    return book.raw(name)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -8,8 +8,8 @@ import torch
 from conftest import builtin_preset
 from vgt_core.config import GenerationConfig
 from vgt_core.generator import VGTGenerator, guidance_at
-from vgt_plugins.mar import revealed_after
-from vgt_plugins.queryar import step_sizes
+from vgt_plugins.mar.model import revealed_after
+from vgt_plugins.queryar.model import step_sizes
 
 PROMPTS = ["a red circle", "a photo of two blue squares left of a green triangle"]  # different lengths: padding
 

@@ -11,7 +11,7 @@ import torch
 from test_generator import PROMPTS, randomize_head, tiny_generator
 from vgt_core.config import GenerationConfig
 from vgt_core.flow import FlowHead, flow_matching_loss, timestep_embedding
-from vgt_plugins.queryar import step_sizes
+from vgt_plugins.queryar.model import step_sizes
 
 
 def test_balanced_split_spreads_the_remainder_over_the_first_steps():

@@ -85,11 +85,14 @@ def cmd_presets(args: argparse.Namespace) -> None:
         return
     rows = [{"name": n, "description": book.raw(n).get("description", ""), "source": book.source(n)} for n in book.names()]
     matrices = [{"name": n, "base": m.base, "cells": list(m.expand()), "description": m.description} for n, (m, _) in sorted(book.matrices.items())]
+    blocks = [{"name": n, "source": source} for n, source in book.blocks().items()]
     if args.json:
-        _print_json({"presets": rows, "matrices": matrices})
+        _print_json({"presets": rows, "blocks": blocks, "matrices": matrices})
         return
     for r in rows:
         print(f"{r['name']:22} {r['description']}")
+    if blocks:
+        print("\nblocks (`use: NAME` in a preset): " + ", ".join(b["name"] for b in blocks))
     if matrices:
         print("\nmatrices:")
         for m in matrices:
@@ -384,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("plugins", "list every registered component (kind, name, package, version)")
     p.add_argument("--json", action="store_true")
 
-    p = add("presets", "list presets and ablation matrices, or show one preset")
+    p = add("presets", "list presets, blocks and ablation matrices, or show one preset as resolved (bases, blocks, defaults)")
     p.add_argument("action", nargs="?", choices=["list", "show"], default="list")
     p.add_argument("name", nargs="?")
     p.add_argument("--json", action="store_true")
@@ -504,8 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from vgt_core.plugins import plugin_manager  # plugins may add commands of their own (see hookspecs)
 
-    for impl in plugin_manager().hook.vgt_add_commands.get_hookimpls():
-        impl.function(subparsers=sub, command=command)
+    plugin_manager().hook.vgt_add_commands(subparsers=sub, command=command)
     return parser
 
 

@@ -328,7 +328,12 @@ class Matrix(Strict):
 
 
 class RegistryFile(Strict):
-    presets: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    presets: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="name -> preset; `base: OTHER` starts from preset OTHER (any file or plugin)"
+    )
+    blocks: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="name -> a mapping that any preset (any file) reuses with `use: NAME`"
+    )
     matrices: dict[str, Matrix] = Field(default_factory=dict)
 
 
@@ -458,11 +463,24 @@ def apply_overrides(data: dict, overrides: dict[str, Any]) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+COMPONENT_KEYS = ("encoder", "decoder", "backbone", "sampler", "dataset")
+
+
 class PresetBook:
-    """Presets and matrices from registry files and plugins, validated on access."""
+    """Presets, blocks and matrices from registry files and plugins, resolved and validated on access.
+
+    Reuse across files (docs/plugins.md#presets-and-registry-files):
+    - ``base: NAME`` in a preset starts from preset ``NAME``, resolved first (chains allowed), with the preset's own
+      keys deep-merged over it: mappings merge key by key, lists and scalars replace. A component (``encoder``,
+      ``decoder``, ...) whose ``name`` differs from the base's replaces it whole, options included.
+    - ``use: NAME`` in any mapping of a preset stands for block ``NAME`` of a ``blocks:`` section, with the
+      mapping's other keys deep-merged over it; such a mapping replaces what the base preset had there.
+    - a string starting with ``./`` or ``../`` is a path relative to the file it is written in.
+    """
 
     def __init__(self) -> None:
         self._presets: dict[str, tuple[dict, str]] = {}
+        self._blocks: dict[str, tuple[dict, str]] = {}
         self.matrices: dict[str, tuple[Matrix, str]] = {}
 
     def add_file(self, path: str | os.PathLike) -> None:
@@ -471,9 +489,11 @@ class PresetBook:
             raw = load_yaml(path.read_text()) or {}
         except (OSError, yaml.YAMLError) as exc:
             raise ConfigError(f"{path}: cannot read: {exc}") from None
-        parsed = validate_model(RegistryFile, raw, str(path))
+        parsed = validate_model(RegistryFile, _resolve_paths(raw, path.parent), str(path))
         for name, preset in parsed.presets.items():
-            self._presets[name] = (_resolve_paths(preset, path.parent), str(path))
+            self._presets[name] = (preset, str(path))
+        for name, block in parsed.blocks.items():
+            self._blocks[name] = (block, str(path))
         for name, matrix in parsed.matrices.items():
             self.matrices[name] = (matrix, str(path))
 
@@ -483,22 +503,65 @@ class PresetBook:
     def names(self) -> list[str]:
         return sorted(self._presets)
 
+    def blocks(self) -> dict[str, str]:
+        """Block name -> the file that defines it."""
+        return {name: source for name, (_, source) in sorted(self._blocks.items())}
+
     def source(self, name: str) -> str:
         return self._get(name)[1]
 
     def raw(self, name: str) -> dict:
-        return unshared_copy(self._get(name)[0])
+        """Preset ``name`` as a plain dict: its base chain merged and its blocks filled in, not yet validated."""
+        return self._use_blocks(self._merged(name, ()), self.source(name), f"presets.{name}")
 
     def _get(self, name: str) -> tuple[dict, str]:
         if name not in self._presets:
             raise ConfigError(unknown_name_message("preset", name, self._presets))
         return self._presets[name]
 
+    def _merged(self, name: str, chain: tuple[str, ...]) -> dict:
+        """Preset ``name`` over its base chain; each base is complete (blocks filled in) before the merge."""
+        data, source = self._get(name)
+        data = unshared_copy(data)
+        base = data.pop("base", None)
+        if base is None:
+            return data
+        where = f"{source}: presets.{name}.base"
+        if not isinstance(base, str):
+            raise ConfigError(f"{where}: expected a preset name, got {base!r}")
+        if base in (*chain, name):
+            visited = [*chain, name, base]
+            cycle = " -> ".join(visited[visited.index(base):])
+            raise ConfigError(f"{where}: presets extend each other in a cycle: {cycle}")
+        if base not in self._presets:
+            raise ConfigError(unknown_name_message("preset", base, self._presets, where))
+        parent = self._use_blocks(self._merged(base, (*chain, name)), self._presets[base][1], f"presets.{base}")
+        return _merge_preset(parent, data)
+
+    def _use_blocks(self, node: Any, source: str, where: str, chain: tuple[str, ...] = ()) -> Any:
+        """``node`` with every mapping that names ``use: BLOCK`` replaced by the block, its other keys merged over."""
+        if isinstance(node, list):
+            return [self._use_blocks(v, source, f"{where}[{i}]", chain) for i, v in enumerate(node)]
+        if not isinstance(node, dict):
+            return node
+        if "use" in node:
+            node = dict(node)
+            name = node.pop("use")
+            if not isinstance(name, str) or name not in self._blocks:
+                raise ConfigError(unknown_name_message("block", str(name), self._blocks, f"{source}: {where}.use"))
+            if name in chain:
+                raise ConfigError(f"{source}: {where}.use: blocks use each other in a cycle: {' -> '.join([*chain, name])}")
+            block, block_source = self._blocks[name]
+            block = self._use_blocks(block, block_source, f"blocks.{name}", (*chain, name))
+            node = _merge_preset(block, node, components=False)
+        return {k: self._use_blocks(v, source, f"{where}.{k}", chain) for k, v in node.items()}
+
     def preset(self, name: str, overrides: dict[str, Any] | None = None) -> Preset:
         """The validated preset ``name`` (with dotted overrides), its components checked against the registry."""
-        data, source = self._get(name)
+        source = self.source(name)
+        data = self.raw(name)
         if overrides:
-            data = apply_overrides(data, overrides)
+            data = self._use_blocks(apply_overrides(data, overrides), "overrides", f"presets.{name}")
         return check_preset(data, source, f"presets.{name}")
 
     def matrix(self, name: str) -> Matrix:
@@ -514,8 +577,23 @@ class PresetBook:
             if matrix.base not in self._presets:
                 raise ConfigError(unknown_name_message("preset", matrix.base, self._presets, f"{source}: matrices.{name}.base"))
             for label, overrides in matrix.expand().items():
-                data = apply_overrides(self._presets[matrix.base][0], overrides)
-                check_preset(data, source, f"matrices.{name}[{label}]")
+                where = f"matrices.{name}[{label}]"
+                data = self._use_blocks(apply_overrides(self.raw(matrix.base), overrides), source, where)
+                check_preset(data, source, where)
+
+
+def _merge_preset(base: dict, preset: dict, components: bool = True) -> dict:
+    """``preset``'s keys merged over ``base``'s: mappings merge key by key, lists and scalars replace; a mapping that
+    names a block (``use:``) replaces what ``base`` had there, and so does a component (top level) of another
+    ``name``: options of one component fit no other. Nothing is mutated or shared with the arguments."""
+    out = unshared_copy(base)
+    for key, value in preset.items():
+        old = out.get(key)
+        merge = isinstance(value, dict) and isinstance(old, dict) and "use" not in value
+        if merge and components and key in COMPONENT_KEYS:
+            merge = value.get("name", old.get("name")) == old.get("name")
+        out[key] = _merge_preset(old, value, components=False) if merge else unshared_copy(value)
+    return out
 
 
 def check_preset(data: dict, source: str, prefix: str) -> Preset:
@@ -524,7 +602,7 @@ def check_preset(data: dict, source: str, prefix: str) -> Preset:
 
     preset = validate_model(Preset, data, source, prefix)
     reg = registry()
-    for kind in ("encoder", "decoder", "backbone", "sampler", "dataset"):
+    for kind in COMPONENT_KEYS:
         spec: ComponentSpec | None = getattr(preset, kind)
         if spec is None:
             continue
@@ -534,24 +612,27 @@ def check_preset(data: dict, source: str, prefix: str) -> Preset:
     return preset
 
 
-_PATH_KEYS = ("pretrained", "path", "root")
+def _resolve_paths(node: Any, base: Path) -> Any:
+    """Every string starting with ``./`` or ``../`` made absolute against ``base`` (the registry file's folder), so
+    that a registry file works from any working directory; hub ids and plain names are left as they are."""
+    if isinstance(node, dict):
+        return {k: _resolve_paths(v, base) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_resolve_paths(v, base) for v in node]
+    if isinstance(node, str) and node.startswith(("./", "../")):
+        return str((base / node).resolve())
+    return node
 
 
-def _resolve_paths(preset: dict, base: Path) -> dict:
-    """Make ``./relative`` paths in component options relative to the registry file, not the CWD."""
-    preset = unshared_copy(preset)
-    for spec in preset.values():
-        if isinstance(spec, dict) and isinstance(spec.get("options"), dict):
-            for key in _PATH_KEYS:
-                value = spec["options"].get(key)
-                if isinstance(value, str) and value.startswith(("./", "../")):
-                    spec["options"][key] = str((base / value).resolve())
-    return preset
+RegistryFiles = Union[str, os.PathLike, list[Union[str, os.PathLike]], None]
 
 
-def load_presets(extra_files: list[str | os.PathLike] | None = None) -> PresetBook:
-    """The built-in ``registry.yaml``, files named in ``VGT_REGISTRY`` (os.pathsep-separated), ``extra_files``,
-    and presets registered by plugins; later sources override earlier ones of the same name."""
+def load_presets(extra_files: RegistryFiles = None) -> PresetBook:
+    """The built-in ``registry.yaml``, presets registered by plugins, files named in ``VGT_REGISTRY``
+    (os.pathsep-separated), then ``extra_files`` (one path or a list); later sources override earlier ones of the
+    same name, and any preset may extend (``base:``) or use blocks (``use:``) of any source."""
+    if isinstance(extra_files, (str, os.PathLike)):
+        extra_files = [extra_files]
     from vgt_core.plugins import registry
 
     book = PresetBook()

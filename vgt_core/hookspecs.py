@@ -24,7 +24,9 @@ Register = Callable[..., None]
 # Components: the four protocols of vgt_core.protocols, plus datasets.
 # Each ``register(name, factory, options=OptionsModel, description="")`` call adds one named component.
 # ``factory(options)`` receives an instance of ``options`` (a pydantic model, validated by the core before the
-# call) and returns the component. ``options`` defaults to a model with no fields.
+# call) and returns the component. ``options`` defaults to a model with no fields. ``factory`` and ``options`` may
+# be ``"package.module:attribute"`` strings, imported on first validation or build, so that loading the plugin
+# (every ``vgt`` command does) imports no torch; a lazy factory needs an explicit ``description``.
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -83,7 +85,8 @@ def vgt_register_presets(register: Register) -> None:
     """Register presets shipped by a plugin (for example a tiny preset of a new VLM for its tests).
 
     :param register: ``register(name, preset)`` where ``preset`` is a dict in the layout of a
-        ``registry.yaml`` preset; it is validated like one.
+        ``registry.yaml`` preset; it is validated like one, and may extend any preset (``base: NAME``) and use any
+        block (``use: NAME``) of the registry files, as their presets may extend it.
     """
 
 

@@ -129,8 +129,10 @@ def _module_of(plugin: Any) -> str:
 
 
 def _component_adder(reg: Registry, kind: str, plugin: str, package: str, version: str) -> Callable[..., None]:
-    def register(name: str, factory: Callable, options: type | None = None, description: str = "") -> None:
-        description = description or (factory.__doc__ or "").strip().split("\n")[0]
+    def register(name: str, factory: Callable | str, options: type | str | None = None, description: str = "") -> None:
+        # a factory named lazily ("module:attr") is not imported for its docstring: such plugins say it explicitly
+        if not description and not isinstance(factory, str):
+            description = (factory.__doc__ or "").strip().split("\n")[0]
         reg.add(Component(kind, name, factory, options or NoOptions, description, plugin, package, version))
 
     return register

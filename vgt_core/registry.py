@@ -2,16 +2,20 @@
 
 Plugins fill it through the ``vgt_register_*`` hooks (see ``hookspecs``); the core owns duplicate names and
 provenance, and every lookup of an unknown name lists the known ones, closest first.
+
+A factory or an options class may be registered as a ``"module:attr"`` string: it is imported the first time a
+component is validated or built, so that listing components (``vgt --help``, ``vgt plugins``) imports no model code.
 """
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Union
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from vgt_core.errors import ConfigError, UnknownComponentError
+from vgt_core.errors import ConfigError, UnknownComponentError, VGTError
 
 KINDS = ("encoder", "decoder", "backbone", "sampler", "dataset")
 
@@ -22,30 +26,75 @@ class Options(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
+class PluginImportError(VGTError, ImportError):
+    """A component's lazily named factory or options class cannot be imported."""
+
+
+def check_ref(ref: Any, what: str) -> None:
+    """A lazy reference must read ``"package.module:attribute"``; anything else is an error at registration."""
+    if isinstance(ref, str):
+        module, sep, attr = ref.partition(":")
+        if not (sep and module and attr) or ":" in attr:
+            raise ConfigError(f"{what}: {ref!r} is not a lazy reference; write 'package.module:attribute'")
+
+
+def load_ref(ref: str, what: str) -> Any:
+    """The object a ``"module:attr"`` string names (dotted attributes allowed); failures name ``what``."""
+    module_name, _, attr = ref.partition(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as exc:
+        raise PluginImportError(f"{what}: cannot import {ref!r}: {type(exc).__name__}: {exc}") from exc
+    return obj
+
+
 @dataclass(frozen=True)
 class Component:
+    """A registered component. ``factory_ref``/``options_ref`` are the objects or ``"module:attr"`` strings the
+    plugin registered; ``factory``/``options`` are the objects, imported on first use."""
+
     kind: str
     name: str
-    factory: Callable[[Any], Any]
-    options: type[BaseModel]
+    factory_ref: Union[Callable[[Any], Any], str]
+    options_ref: Union[type[BaseModel], str]
     description: str
     plugin: str
     package: str
     version: str
 
+    def __post_init__(self) -> None:
+        check_ref(self.factory_ref, self._what("factory"))
+        check_ref(self.options_ref, self._what("options"))
+
+    def _what(self, part: str) -> str:
+        return f"{self.kind} {self.name!r} of plugin {self.plugin!r} ({self.package} {self.version}), its {part}"
+
+    @property
+    def factory(self) -> Callable[[Any], Any]:
+        ref = self.factory_ref
+        return load_ref(ref, self._what("factory")) if isinstance(ref, str) else ref
+
+    @property
+    def options(self) -> type[BaseModel]:
+        ref = self.options_ref
+        return load_ref(ref, self._what("options")) if isinstance(ref, str) else ref
+
     def validate(self, options: dict | BaseModel | None, where: str = "", prefix: str = "") -> BaseModel:
         """Validate ``options`` against this component's model; errors name the key path."""
-        if isinstance(options, self.options):
+        model = self.options
+        if isinstance(options, model):
             return options
         if isinstance(options, BaseModel):
             options = options.model_dump()
         try:
-            return self.options.model_validate(options or {})
+            return model.model_validate(options or {})
         except ValidationError as exc:
             from vgt_core.config import format_validation_error
 
             where = where or f"{self.kind} {self.name!r} options"
-            raise ConfigError(format_validation_error(exc, self.options, where, prefix)) from None
+            raise ConfigError(format_validation_error(exc, model, where, prefix)) from None
 
     def build(self, options: dict | BaseModel | None = None) -> Any:
         return self.factory(self.validate(options))

@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
-from torch.utils.data import Dataset
 
 from vgt_core import hookimpl
 from vgt_core.registry import Options
@@ -45,8 +44,11 @@ class ShapesOptions(Options):
         )
 
 
-class ShapesDataset(Dataset):
-    """``size`` samples of the shapes world: ``{"image": PIL.Image, "caption": str, "metadata": dict}``."""
+class ShapesDataset:
+    """``size`` samples of the shapes world: ``{"image": PIL.Image, "caption": str, "metadata": dict}``.
+
+    A map-style dataset by protocol (``__len__``, ``__getitem__``), which is all ``DataLoader`` needs: subclassing
+    torch's ``Dataset`` would import torch whenever ``vgt`` loads its plugins."""
 
     def __init__(self, options: ShapesOptions):
         self.options = options

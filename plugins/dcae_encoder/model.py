@@ -7,9 +7,7 @@ whose features could be kept); see the ``pairing`` matrix in registry.yaml and d
 
 from __future__ import annotations
 
-
-from vgt_adapters.diffusers_encoder import DiffusersEncoder, DiffusersEncoderOptions
-from vgt_core import hookimpl
+from vgt_adapters.diffusers_encoder import DiffusersEncoder
 
 
 class DCAEEncoder(DiffusersEncoder):
@@ -17,8 +15,3 @@ class DCAEEncoder(DiffusersEncoder):
 
     def native_downsample(self, config):
         return 2 ** (len(config["encoder_block_out_channels"]) - 1)
-
-
-@hookimpl
-def vgt_register_encoders(register):
-    register("dcae-encoder", DCAEEncoder, DiffusersEncoderOptions, "DC-AE encoder (diffusers AutoencoderDC): a pixel autoencoder, no VLM")

@@ -11,9 +11,8 @@ import torch
 from torch import nn
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-from vgt_adapters.hf_language import HFLanguageBackbone, LanguageOptions
-from vgt_adapters.hf_vision import CLIP_MEAN, CLIP_STD, HFVisionEncoder, VisionOptions
-from vgt_core import hookimpl
+from vgt_adapters.hf_language import HFLanguageBackbone
+from vgt_adapters.hf_vision import CLIP_MEAN, CLIP_STD, HFVisionEncoder
 
 
 class Qwen25VLEncoder(HFVisionEncoder):
@@ -62,13 +61,3 @@ class Qwen25VLBackbone(HFLanguageBackbone):
     model_class = Qwen2_5_VLForConditionalGeneration
     config_class = Qwen2_5_VLConfig
     default_image_start = "<|vision_start|>"
-
-
-@hookimpl
-def vgt_register_encoders(register):
-    register("qwen25vl", Qwen25VLEncoder, VisionOptions, "Qwen2.5-VL's ViT with its patch merger")
-
-
-@hookimpl
-def vgt_register_backbones(register):
-    register("qwen25vl-lm", Qwen25VLBackbone, LanguageOptions, "Qwen2.5-VL's language model")

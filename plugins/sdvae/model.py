@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from vgt_adapters.diffusers_decoder import DiffusersDecoder, DiffusersDecoderOptions
-from vgt_core import hookimpl
+from vgt_adapters.diffusers_decoder import DiffusersDecoder
 
 
 class SDVAEDecoder(DiffusersDecoder):
@@ -24,8 +23,3 @@ class SDVAEDecoder(DiffusersDecoder):
 
     def native_upsample(self, config):
         return 2 ** (len(config["block_out_channels"]) - 1)
-
-
-@hookimpl
-def vgt_register_decoders(register):
-    register("sdvae", SDVAEDecoder, DiffusersDecoderOptions, "SD-VAE decoder (diffusers AutoencoderKL), 32-channel input")

@@ -8,23 +8,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from timm.layers import build_sincos2d_pos_embed
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from vgt_core import hookimpl
 from vgt_core.checkpointing import checkpoint_forward
-from vgt_core.registry import Options
-
-
-class ViTDecoderOptions(Options):
-    latent_channels: int = Field(32, gt=0)
-    width: int = Field(768, gt=0)
-    depth: int = Field(12, gt=0)
-    heads: int = Field(12, gt=0)
-    mlp_ratio: float = 4.0
-    patch_size: int = Field(16, gt=0, description="pixels per latent cell before the final resize")
+from vgt_plugins.vit_decoder import ViTDecoderOptions
 
 
 class ViTDecoder(nn.Module):
@@ -54,8 +43,3 @@ class ViTDecoder(nn.Module):
         if tuple(x.shape[-2:]) != tuple(size):
             x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
         return x
-
-
-@hookimpl
-def vgt_register_decoders(register):
-    register("vit", ViTDecoder, ViTDecoderOptions, "ViT decoder from timm blocks + unpatchify")

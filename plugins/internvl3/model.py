@@ -10,9 +10,8 @@ from __future__ import annotations
 from torch import nn
 from transformers import InternVLConfig, InternVLForConditionalGeneration
 
-from vgt_adapters.hf_language import HFLanguageBackbone, LanguageOptions
-from vgt_adapters.hf_vision import IMAGENET_MEAN, IMAGENET_STD, HFVisionEncoder, VisionOptions
-from vgt_core import hookimpl
+from vgt_adapters.hf_language import HFLanguageBackbone
+from vgt_adapters.hf_vision import IMAGENET_MEAN, IMAGENET_STD, HFVisionEncoder
 
 
 class InternVL3Encoder(HFVisionEncoder):
@@ -45,13 +44,3 @@ class InternVL3Backbone(HFLanguageBackbone):
     model_class = InternVLForConditionalGeneration
     config_class = InternVLConfig
     default_image_start = "<img>"
-
-
-@hookimpl
-def vgt_register_encoders(register):
-    register("internvl3", InternVL3Encoder, VisionOptions, "InternVL3's InternViT + pixel shuffle + projector")
-
-
-@hookimpl
-def vgt_register_backbones(register):
-    register("internvl3-lm", InternVL3Backbone, LanguageOptions, "InternVL3's language model (Qwen2.5)")

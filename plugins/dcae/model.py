@@ -3,9 +3,7 @@ VGT's default pixel decoder (paper Table 4)."""
 
 from __future__ import annotations
 
-
-from vgt_adapters.diffusers_decoder import DiffusersDecoder, DiffusersDecoderOptions
-from vgt_core import hookimpl
+from vgt_adapters.diffusers_decoder import DiffusersDecoder
 
 
 class DCAEDecoder(DiffusersDecoder):
@@ -18,8 +16,3 @@ class DCAEDecoder(DiffusersDecoder):
 
     def native_upsample(self, config):
         return 2 ** (len(config["decoder_block_out_channels"]) - 1)
-
-
-@hookimpl
-def vgt_register_decoders(register):
-    register("dcae", DCAEDecoder, DiffusersDecoderOptions, "DC-AE decoder (diffusers AutoencoderDC), resized to size")

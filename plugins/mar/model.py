@@ -12,19 +12,12 @@ from __future__ import annotations
 import math
 
 import torch
-from pydantic import Field
 from torch import nn
 
-from vgt_core import hookimpl
 from vgt_core.config import GenerationConfig
 from vgt_core.generator import PromptBatch, VGTGenerator, decoding_orders, guidance_at, position_ids_from
 from vgt_core.randomness import Draws, GlobalDraws, SampleDraws
-from vgt_core.registry import Options
-
-
-class MAROptions(Options):
-    mask_ratio_min: float = Field(0.7, ge=0, le=1, description="lower bound of the training mask ratio")
-    mask_ratio_std: float = Field(0.25, gt=0, description="spread of the truncated normal (mean 1.0)")
+from vgt_plugins.mar import MAROptions
 
 
 def image_attention_mask(prompt_mask: torch.Tensor, image_tokens: int, dtype: torch.dtype) -> torch.Tensor:
@@ -124,8 +117,3 @@ class MAR(nn.Module):
             known.scatter_(1, idx, True)
             done = upto
         return tokens[:b]
-
-
-@hookimpl
-def vgt_register_samplers(register):
-    register("mar", MAR, MAROptions, "MAR baseline: bidirectional masked prediction, cosine schedule")

@@ -22,29 +22,13 @@ the latent of grid position i both ``len(prompt) + i``, so attention sees where 
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
-
 import torch
-from pydantic import Field
 from torch import nn
 
-from vgt_core import hookimpl
 from vgt_core.config import GenerationConfig
 from vgt_core.generator import PromptBatch, VGTGenerator, center_crop, decoding_orders, guidance_at, position_ids_from
 from vgt_core.randomness import Draws, GlobalDraws, SampleDraws
-from vgt_core.registry import Options
-
-
-class QueryAROptions(Options):
-    train_group_sizes: list[Annotated[int, Field(ge=1)]] = Field(
-        [1], min_length=1, description="query group sizes shown in training, one drawn per sample ([1] = upstream); each must divide the latent tokens"
-    )
-    train_order: Literal["random", "raster"] = Field("random", description="order of positions in training")
-    position_ids: Literal["sequence", "grid"] = Field(
-        "sequence",
-        description="the LM's (RoPE) position of an image slot: its place in the sequence (upstream) or its place "
-        "in the latent grid, as the VLM numbers image tokens when it reads an image",
-    )
+from vgt_plugins.queryar import QueryAROptions
 
 
 def step_sizes(total: int, tokens_per_step: int | list[int], split: str = "fixed") -> list[int]:
@@ -194,8 +178,3 @@ class QueryAR(nn.Module):
                 pending_idx = idx.repeat_interleave(2, dim=1)
             done += m
         return out
-
-
-@hookimpl
-def vgt_register_samplers(register):
-    register("queryar", QueryAR, QueryAROptions, "QueryAR: position queries, random order, KV-cached parallel decoding")
