@@ -58,20 +58,15 @@ def vgt_register_backbones(register):
 
 @hookimpl
 def vgt_register_presets(register):
+    # tiny-internvl3 (vgt's registry.yaml) gives the tiny DC-AE decoder, the sampler, the head and CPU-sized recipes;
+    # encoder and backbone name other components, so they replace the base's whole.
     register(
         "tiny-llava",
         {
+            "base": "tiny-internvl3",
             "description": "LLaVA classes at toy size (64 px, 4x4 latent) with vgt's tiny DC-AE decoder",
             "encoder": {"name": "llava", "options": {"config": TINY}},
-            "decoder": {"name": "dcae", "options": {"config": {
-                "latent_channels": 32, "attention_head_dim": 8,
-                "encoder_block_types": ["ResBlock"] * 5, "decoder_block_types": ["ResBlock"] * 5,
-                "encoder_block_out_channels": [8, 16, 16, 32, 32], "decoder_block_out_channels": [16, 16, 32, 32, 64],
-                "encoder_layers_per_block": [1] * 5, "decoder_layers_per_block": [1] * 5,
-                "encoder_qkv_multiscales": [[]] * 5, "decoder_qkv_multiscales": [[]] * 5,
-                "upsample_block_type": "interpolate", "downsample_block_type": "Conv"}}},
+            # random weights come without a tokenizer: name vgt's byte-level one (it adds the image-start token)
             "backbone": {"name": "llava-lm", "options": {"config": TINY, "tokenizer": "byte-level"}},
-            "sampler": {"name": "queryar"},
-            "generator": {"head_depth": 2, "head_width": 64, "max_grid": 8},
         },
     )

@@ -72,31 +72,15 @@ def vgt_register_backbones(register):
 
 @hookimpl
 def vgt_register_presets(register):
+    # tiny-internvl3 (vgt's registry.yaml) gives the tiny DC-AE decoder, the sampler, the head and CPU-sized recipes;
+    # encoder and backbone name other components, so they replace the base's whole.
     register(
         "tiny-smolvlm",
         {
+            "base": "tiny-internvl3",
             "description": "SmolVLM classes at toy size (64 px, 8x8 patches shuffled to a 4x4 latent), tiny DC-AE decoder",
             "encoder": {"name": "smolvlm", "options": {"config": TINY}},
-            "decoder": {"name": "dcae", "options": {"config": {
-                "latent_channels": 32, "attention_head_dim": 8,
-                "encoder_block_types": ["ResBlock"] * 5, "decoder_block_types": ["ResBlock"] * 5,
-                "encoder_block_out_channels": [8, 16, 16, 32, 32], "decoder_block_out_channels": [16, 16, 32, 32, 64],
-                "encoder_layers_per_block": [1] * 5, "decoder_layers_per_block": [1] * 5,
-                "encoder_qkv_multiscales": [[]] * 5, "decoder_qkv_multiscales": [[]] * 5,
-                "upsample_block_type": "interpolate", "downsample_block_type": "Conv"}}},
             # random weights come without a tokenizer: name vgt's byte-level one (it adds the image-start token)
             "backbone": {"name": "smolvlm-lm", "options": {"config": TINY, "tokenizer": "byte-level"}},
-            "sampler": {"name": "queryar"},
-            "generator": {"head_depth": 2, "head_width": 64, "max_grid": 8},
-            # CPU-sized recipes; perceptual_weight 0: no LPIPS, whose VGG weights would be downloaded
-            "train_ae": {
-                "stage1": {"steps": 200, "batch_size": 8, "lr": 1.0e-3, "warmup_steps": 10, "perceptual_weight": 0.0,
-                           "disc_channels": 16, "log_every": 20, "sample_every": 100, "checkpoint_every": 100},
-                "stage2": {"steps": 100, "batch_size": 8, "warmup_steps": 10, "perceptual_weight": 0.0,
-                           "disc_channels": 16, "log_every": 20, "sample_every": 50, "checkpoint_every": 50},
-            },
-            "train_ar": {"steps": 200, "batch_size": 8, "lr": 1.0e-3, "warmup_steps": 10, "log_every": 20,
-                         "sample_every": 100, "checkpoint_every": 100},
-            "generation": {"num_sampling_steps": 10, "guidance_scale": 2.0},
         },
     )
