@@ -314,6 +314,11 @@ class Matrix(Strict):
     axes: dict[str, list[Any]] = Field(default_factory=dict, description="cartesian product of dotted keys")
     cells: dict[str, dict[str, Any]] = Field(default_factory=dict, description="named cells: label -> overrides")
     metrics: list[str] = Field(default_factory=list, description="metrics to tabulate (default: all)")
+    evaluators: list[ComponentSpec] = Field(
+        default_factory=lambda: [ComponentSpec(name="reconstruction")],
+        description="registered evaluators that score each cell (vgt_core.evaluators; default: reconstruction)",
+    )
+    prepare: ComponentSpec | None = Field(None, description="a registered preparation run once before the cells")
 
     def expand(self) -> dict[str, dict[str, Any]]:
         """Cell label -> overrides, axes first (in order), then named cells."""
@@ -516,6 +521,18 @@ class PresetBook:
             for label, overrides in matrix.expand().items():
                 data = apply_overrides(self._presets[matrix.base][0], overrides)
                 check_preset(data, source, f"matrices.{name}[{label}]")
+            check_matrix_components(matrix, f"{source}: matrices.{name}")
+
+
+def check_matrix_components(matrix: Matrix, where: str) -> None:
+    """The matrix's evaluators and preparation exist and their options are valid (names the key path)."""
+    from vgt_core.plugins import registry
+
+    reg = registry()
+    specs = [(f"evaluators[{i}]", "evaluator", spec) for i, spec in enumerate(matrix.evaluators)]
+    specs += [("prepare", "preparation", matrix.prepare)] if matrix.prepare is not None else []
+    for key, kind, spec in specs:
+        reg.get(kind, spec.name, where=f"{where}.{key}.name").validate(spec.options, where=where, prefix=f"{key}.options")
 
 
 def check_preset(data: dict, source: str, prefix: str) -> Preset:

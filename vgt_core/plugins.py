@@ -25,6 +25,8 @@ _HOOKS = {
     "backbone": "vgt_register_backbones",
     "sampler": "vgt_register_samplers",
     "dataset": "vgt_register_datasets",
+    "evaluator": "vgt_register_evaluators",
+    "preparation": "vgt_register_preparations",
 }
 
 _pm: pluggy.PluginManager | None = None
@@ -41,6 +43,9 @@ def plugin_manager() -> pluggy.PluginManager:
     if _pm is None:
         pm = pluggy.PluginManager("vgt")
         pm.add_hookspecs(hookspecs)
+        from vgt_core import evaluators  # the core's own components (the reconstruction evaluator), always there
+
+        pm.register(evaluators, name="vgt-core")
         _load_entry_points(pm)
         pm.check_pending()
         if os.environ.get("VGT_TRACE_PLUGINS"):
@@ -93,7 +98,16 @@ def unregister_plugin(name: str) -> None:
 
 
 def _provenance(pm: pluggy.PluginManager) -> dict[int, tuple[str, str]]:
-    return {id(plugin): (dist.metadata["name"], dist.version) for plugin, dist in pm.list_plugin_distinfo()}
+    found = {id(plugin): (dist.metadata["name"], dist.version) for plugin, dist in pm.list_plugin_distinfo()}
+    core = pm.get_plugin("vgt-core")  # registered by hand, not through an entry point: the vgt package itself
+    if core is not None:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            found[id(core)] = ("vgt", version("vgt"))
+        except PackageNotFoundError:
+            pass
+    return found
 
 
 def registry() -> Registry:

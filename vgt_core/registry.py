@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from vgt_core.errors import ConfigError, UnknownComponentError
 
-KINDS = ("encoder", "decoder", "backbone", "sampler", "dataset")
+KINDS = ("encoder", "decoder", "backbone", "sampler", "dataset", "evaluator", "preparation")
 
 
 class Options(BaseModel):
