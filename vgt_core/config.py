@@ -227,7 +227,8 @@ class GeneratorOptions(Strict):
         1000.0,
         gt=0,
         description="the head embeds scale * t: 1 feeds t in [0, 1] as upstream's head does (converted upstream "
-        "models need it); 1000 is the DiT convention, measured better in the toy world (docs/ablations.md)",
+        "models need it); 1000 is the DiT convention, measured better in the toy world "
+        "(docs/results/2026-shapes-tuning-log.md)",
     )
     time_shift: Union[float, Literal["auto"]] = Field(
         "auto", description="training noise shift; auto = sqrt(h*w*C/4096) (dimension-adaptive)"
