@@ -118,8 +118,11 @@ def test_failing_cell_is_recorded_and_the_others_still_run(two, registry, capsys
 
 
 def test_the_shapes_preparation_refuses_a_base_preset_of_another_world(registry, tmp_path):
+    for i in range(2):
+        Image.new("RGB", (64, 64), (40 * i, 90, 200)).save(tmp_path / f"{i}.png")
     with pytest.raises(ConfigError, match=r"shapes-understanding \(matrices.not-shapes\) works on the shapes world: .* not None"):
-        run_ablation("not-shapes", tmp_path / "out", data=tmp_path, progress=False, registry=[registry])
+        run_ablation("not-shapes", tmp_path / "out", data=tmp_path, progress=False, registry=[registry], budget=Budget(eval_images=1))
+    assert not list((tmp_path / "out").glob("*/metrics.json"))
 
 
 def test_unknown_matrix_lists_the_known_ones(tmp_path):

@@ -120,10 +120,17 @@ class Ablation:
             if metric not in {**self.headers, **self.times}:
                 raise ConfigError(unknown_name_message("metric", metric, [*self.headers, *self.times], f"{where}.metrics"))
         self.preparation = _built(registry(), "preparation", self.matrix.prepare, Preparation, "prepare") if self.matrix.prepare else None
+        from vgt_core.data import open_source
+
         self.data = Path(data).resolve() if data is not None else None
         self.eval_data = Path(eval_data).resolve() if eval_data is not None else None
         if self.data is None and self.base.dataset is None:
             raise ConfigError(f"{where}: base preset {self.matrix.base!r} has no `dataset`: pass --data (images to train on)")
+        # Paths are read (and a held-out split checked) now, before any folder is made; each cell reuses them.
+        self.source = open_source(self.data) if self.data is not None else None
+        self.eval_source = open_source(self.eval_data) if self.eval_data is not None else None
+        if self.source is not None and self.eval_source is None:
+            _check_split(len(self.source), budget.eval_images)
         self.out = Path(out).resolve()
         self.shared = self.out / "shared"
         self.steps, self.quick, self.progress, self.budget, self.overrides = steps, quick, progress, budget, overrides
@@ -241,24 +248,19 @@ class Ablation:
 
     def data_for(self, preset: Preset) -> tuple[Dataset, Dataset, dict[str, Any]]:
         """The cell's training items, its held-out items, and the spec that identifies both (for the hashes)."""
-        from vgt_core.data import open_source
         from vgt_core.plugins import registry
 
-        if self.data is not None:
-            source, spec = open_source(self.data), {"data": str(self.data)}
+        if self.source is not None:
+            source, spec = self.source, {"data": str(self.data)}
         elif preset.dataset is not None:
             source = registry().build("dataset", preset.dataset.name, preset.dataset.options)
             spec = {"dataset": preset.dataset.model_dump(mode="json")}
         else:
             raise ConfigError("the cell's preset has no `dataset`: pass --data (images to train on)")
-        if self.eval_data is not None:
-            return source, open_source(self.eval_data), {**spec, "eval_data": str(self.eval_data)}
+        if self.eval_source is not None:
+            return source, self.eval_source, {**spec, "eval_data": str(self.eval_data)}
         n = self.budget.eval_images
-        if len(source) <= n:
-            raise ConfigError(
-                f"the training data has {len(source)} items: holding out {n} for the evaluators (--eval-images) "
-                "leaves none to train on; lower --eval-images or pass --eval-data"
-            )
+        _check_split(len(source), n)
         split = len(source) - n
         return Subset(source, range(split)), Subset(source, range(split, len(source))), {**spec, "held_out": n}
 
@@ -385,6 +387,14 @@ def _built(registry: Any, kind: str, spec: Any, protocol: type, method: str) -> 
             f"`{method}` or an attribute of vgt_core.evaluators.{protocol.__name__}"
         )
     return built
+
+
+def _check_split(items: int, held_out: int) -> None:
+    if items <= held_out:
+        raise ConfigError(
+            f"the training data has {items} items: holding out {held_out} for the evaluators (--eval-images) "
+            "leaves none to train on; lower --eval-images or pass --eval-data"
+        )
 
 
 def _with(context: EvalContext, **changes: Any) -> EvalContext:
