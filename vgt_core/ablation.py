@@ -36,11 +36,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import torch
 from torch.utils.data import Dataset, Subset
 
 from vgt_core.config import Matrix, Preset, PresetBook, check_matrix_components, load_presets
 from vgt_core.errors import ConfigError, unknown_name_message
+from vgt_core.data import open_source
 from vgt_core.evaluators import EvalContext, Evaluator, Preparation, Prepared, PrepareContext
+from vgt_core import plugins
 from vgt_core.serialization import prepare_output, write_json
 from vgt_core.training.autoencoder import train_autoencoder
 from vgt_core.training.autoregressive import train_generator
@@ -96,36 +99,18 @@ class Ablation:
 
     def __init__(self, book: PresetBook, matrix_name: str, out: Path, *, data: str | Path | None, eval_data: str | Path | None,
                  budget: Budget, steps: int | None, quick: bool, progress: bool, overrides: dict[str, Any]):  # fmt: skip
-        from vgt_core.plugins import registry
-
         self.book, self.name = book, matrix_name
         self.matrix: Matrix = book.matrix(matrix_name)
-        where = f"matrices.{matrix_name}"
+        self.where = f"matrices.{matrix_name}"
         self.base = book.preset(self.matrix.base, overrides)
-        check_matrix_components(self.matrix, where)
-        self.evaluators: dict[str, tuple[dict[str, Any], Evaluator]] = {}
-        for spec in self.matrix.evaluators:
-            if spec.name in self.evaluators:
-                raise ConfigError(f"{where}.evaluators: {spec.name!r} is listed twice")
-            self.evaluators[spec.name] = (spec.model_dump(mode="json"), _built(registry(), "evaluator", spec, Evaluator, "evaluate"))
-        self.headers: dict[str, str] = {}
-        for name, (_, evaluator) in self.evaluators.items():
-            for column, header in evaluator.columns.items():
-                if column in self.headers or column in TIMES or column in ("cell", "status", "tokens_per_step"):
-                    raise ConfigError(f"{where}.evaluators: {name!r} reports the column {column!r}, which another evaluator or the runner reports too")
-                self.headers[column] = header
-        self.generates = any(e.needs == "generator" for _, e in self.evaluators.values())
-        self.times = {k: v for k, v in TIMES.items() if self.generates or k != "ar_train_s"}
-        for metric in self.matrix.metrics:
-            if metric not in {**self.headers, **self.times}:
-                raise ConfigError(unknown_name_message("metric", metric, [*self.headers, *self.times], f"{where}.metrics"))
-        self.preparation = _built(registry(), "preparation", self.matrix.prepare, Preparation, "prepare") if self.matrix.prepare else None
-        from vgt_core.data import open_source
-
+        check_matrix_components(self.matrix, self.where)
+        self._build_evaluators()
+        spec = self.matrix.prepare
+        self.preparation = _built("preparation", spec, Preparation, "prepare") if spec is not None else None
         self.data = Path(data).resolve() if data is not None else None
         self.eval_data = Path(eval_data).resolve() if eval_data is not None else None
         if self.data is None and self.base.dataset is None:
-            raise ConfigError(f"{where}: base preset {self.matrix.base!r} has no `dataset`: pass --data (images to train on)")
+            raise ConfigError(f"{self.where}: base preset {self.matrix.base!r} has no `dataset`: pass --data (images to train on)")
         # Paths are read (and a held-out split checked) now, before any folder is made; each cell reuses them.
         self.source = open_source(self.data) if self.data is not None else None
         self.eval_source = open_source(self.eval_data) if self.eval_data is not None else None
@@ -135,9 +120,27 @@ class Ablation:
         self.shared = self.out / "shared"
         self.steps, self.quick, self.progress, self.budget, self.overrides = steps, quick, progress, budget, overrides
         self.prepared = Prepared()
-        import torch
-
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    def _build_evaluators(self) -> None:
+        """The matrix's evaluators by name, their table columns, whether a generator is needed, the shown metrics."""
+        self.evaluators: dict[str, tuple[dict[str, Any], Evaluator]] = {}
+        self.headers: dict[str, str] = {}
+        for spec in self.matrix.evaluators:
+            if spec.name in self.evaluators:
+                raise ConfigError(f"{self.where}.evaluators: {spec.name!r} is listed twice")
+            evaluator = _built("evaluator", spec, Evaluator, "evaluate")
+            self.evaluators[spec.name] = (spec.model_dump(mode="json"), evaluator)
+            for column, header in evaluator.columns.items():
+                if column in self.headers or column in TIMES or column in ("cell", "status", "tokens_per_step"):
+                    raise ConfigError(f"{self.where}.evaluators: {spec.name!r} reports the column {column!r}, "
+                                      "which another evaluator or the runner reports too")  # fmt: skip
+                self.headers[column] = header
+        self.generates = any(e.needs == "generator" for _, e in self.evaluators.values())
+        self.times = {k: v for k, v in TIMES.items() if self.generates or k != "ar_train_s"}
+        for metric in self.matrix.metrics:
+            if metric not in {**self.headers, **self.times}:
+                raise ConfigError(unknown_name_message("metric", metric, [*self.headers, *self.times], f"{self.where}.metrics"))
 
     @property
     def columns(self) -> list[str]:
@@ -248,12 +251,10 @@ class Ablation:
 
     def data_for(self, preset: Preset) -> tuple[Dataset, Dataset, dict[str, Any]]:
         """The cell's training items, its held-out items, and the spec that identifies both (for the hashes)."""
-        from vgt_core.plugins import registry
-
         if self.source is not None:
             source, spec = self.source, {"data": str(self.data)}
         elif preset.dataset is not None:
-            source = registry().build("dataset", preset.dataset.name, preset.dataset.options)
+            source = plugins.registry().build("dataset", preset.dataset.name, preset.dataset.options)
             spec = {"dataset": preset.dataset.model_dump(mode="json")}
         else:
             raise ConfigError("the cell's preset has no `dataset`: pass --data (images to train on)")
@@ -377,9 +378,9 @@ class Ablation:
 # -- helpers ----------------------------------------------------------------------------------------------------
 
 
-def _built(registry: Any, kind: str, spec: Any, protocol: type, method: str) -> Any:
+def _built(kind: str, spec: Any, protocol: type, method: str) -> Any:
     """A matrix's evaluator or preparation, built and checked against its protocol (an error names the plugin)."""
-    component = registry.get(kind, spec.name)
+    component = plugins.registry().get(kind, spec.name)
     built = component.build(spec.options)
     if not isinstance(built, protocol):
         raise ConfigError(
