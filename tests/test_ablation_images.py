@@ -228,3 +228,13 @@ def test_a_generator_evaluator_needs_a_backbone(images, tmp_path):
                         overrides=FAST)
     assert rows[0]["status"] == "failed" and "score a generator, but the cell's preset has no backbone" in rows[0]["error"]
     assert math.isfinite(rows[0]["wall_s"])
+
+
+def test_a_folder_of_other_files_is_refused_and_left_alone(images, tmp_path, capsys):
+    """--out must be new, empty or an earlier ablation's: a folder of someone's files is one error line, untouched."""
+    root, _ = images
+    (tmp_path / "notes.txt").write_text("mine")
+    code = main(["ablate", "--matrix", "tiny-ae", "--data", str(root), "--out", str(tmp_path), "--eval-images", "4", *STEPS])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("vgt ablate: error:") and "is not empty" in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
