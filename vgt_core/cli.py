@@ -84,7 +84,11 @@ def cmd_presets(args: argparse.Namespace) -> None:
         print(json.dumps(preset, indent=2) if args.json else yaml.safe_dump(preset, sort_keys=False), end="" if not args.json else "\n")
         return
     rows = [{"name": n, "description": book.raw(n).get("description", ""), "source": book.source(n)} for n in book.names()]
-    matrices = [{"name": n, "base": m.base, "cells": list(m.expand()), "description": m.description} for n, (m, _) in sorted(book.matrices.items())]
+    matrices = [
+        {"name": n, "base": m.base, "cells": list(m.expand()), "evaluators": [e.name for e in m.evaluators],
+         "prepare": m.prepare and m.prepare.name, "description": m.description}
+        for n, (m, _) in sorted(book.matrices.items())
+    ]  # fmt: skip
     if args.json:
         _print_json({"presets": rows, "matrices": matrices})
         return
@@ -93,7 +97,7 @@ def cmd_presets(args: argparse.Namespace) -> None:
     if matrices:
         print("\nmatrices:")
         for m in matrices:
-            print(f"  {m['name']:20} base {m['base']}, {len(m['cells'])} cells: {m['description']}")
+            print(f"  {m['name']:20} base {m['base']}, {len(m['cells'])} cells, scored by {'+'.join(m['evaluators'])}: {m['description']}")
 
 
 # -- VGT-AE -------------------------------------------------------------------------------------------------------
