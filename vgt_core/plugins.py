@@ -1,7 +1,8 @@
 """Plugin discovery: pluggy, the entry-point group ``vgt``, and the environment switches.
 
 - Plugins (vgt's own included) are found through the entry-point group ``vgt``.
-- ``VGT_LOAD_PLUGINS=a,b`` loads exactly the entry points named ``a`` and ``b`` (empty: none).
+- ``VGT_LOAD_PLUGINS=a,b`` loads exactly the entry points named ``a`` and ``b`` (empty: none); the core's own
+  components (``vgt_core.evaluators``, plugin ``vgt-core``) are always registered.
 - ``VGT_TRACE_PLUGINS=1`` prints every hook call.
 - After loading, ``check_pending`` turns a misspelled hook name into an error.
 """
