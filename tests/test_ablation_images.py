@@ -227,7 +227,7 @@ def test_a_generator_evaluator_needs_a_backbone(images, tmp_path):
     rows = run_ablation("g", tmp_path / "out", data=root, steps=1, progress=False, registry=[registry], budget=Budget(eval_images=4),
                         overrides=FAST)
     assert rows[0]["status"] == "failed" and "score a generator, but the cell's preset has no backbone" in rows[0]["error"]
-    assert math.isfinite(rows[0]["wall_s"])
+    assert math.isfinite(rows[0]["wall_s"]) and not (tmp_path / "out" / "shared").exists()  # refused before training
 
 
 def test_a_folder_of_other_files_is_refused_and_left_alone(images, tmp_path, capsys):

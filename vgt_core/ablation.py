@@ -219,6 +219,9 @@ class Ablation:
         })
 
     def _run_cell(self, label: str, preset: Preset, folder: Path) -> dict[str, Any]:
+        if self.generates and (preset.backbone is None or preset.sampler is None):  # before any training
+            needing = [n for n, (_, e) in self.evaluators.items() if e.needs == "generator"]
+            raise ConfigError(f"evaluator(s) {', '.join(needing)} score a generator, but the cell's preset has no backbone/sampler")
         train, held_out, data_spec = self.data_for(preset)
         ae_dir, ae_seconds = self.autoencoder(preset, train, data_spec)
         context = EvalContext(preset, ae_dir, held_out, folder, quick=self.quick, progress=self.progress, device=self.device)
@@ -300,9 +303,6 @@ class Ablation:
     def generator(self, preset: Preset, ae_dir: Path, train: Dataset, data_spec: dict[str, Any]) -> tuple[Path, float]:
         """The cell's VGT pipeline folder (trained on a latent cache of the first ``latent_images`` training
         items) and the seconds its training took."""
-        if preset.backbone is None or preset.sampler is None:
-            needing = [n for n, (_, e) in self.evaluators.items() if e.needs == "generator"]
-            raise ConfigError(f"evaluator(s) {', '.join(needing)} score a generator, but the cell's preset has no backbone/sampler")
         n = min(self.budget.latent_images, len(train))
 
         def cache(out: Path) -> dict[str, Any]:
