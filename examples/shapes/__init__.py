@@ -79,26 +79,16 @@ class UnderstandingOptions(Options):
     eval_images: int = Field(256, ge=1, description="held-out images its description accuracy is measured on")
 
 
-def _geneval(options: GenEvalOptions):
-    from vgt_shapes.ablation import GenEvalEvaluator  # imported only when an ablation uses it
-
-    return GenEvalEvaluator(options)
-
-
-def _understanding(options: UnderstandingOptions):
-    from vgt_shapes.ablation import UnderstandingPreparation
-
-    return UnderstandingPreparation(options)
-
-
 @hookimpl
 def vgt_register_evaluators(register):
-    register("shapes-geneval", _geneval, GenEvalOptions, "mini-GenEval of each cell's generator on the shapes world's prompts")
+    # imported only when an ablation builds it
+    register("shapes-geneval", "vgt_shapes.ablation:GenEvalEvaluator", GenEvalOptions,
+             "mini-GenEval of each cell's generator on the shapes world's prompts")
 
 
 @hookimpl
 def vgt_register_preparations(register):
-    register("shapes-understanding", _understanding, UnderstandingOptions,
+    register("shapes-understanding", "vgt_shapes.ablation:UnderstandingPreparation", UnderstandingOptions,
              "pre-train the base preset's tiny VLM to describe shapes once; every cell's encoder/backbone loads it")
 
 
