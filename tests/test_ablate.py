@@ -1,4 +1,5 @@
-"""`vgt ablate`: a matrix of registry.yaml runs cell by cell into one complete table, resumes, survives a failure."""
+"""`vgt ablate` on the shapes world: a matrix of registry.yaml runs cell by cell into one complete table, resumes,
+survives a failure; the world's VLM pre-training and mini-GenEval plug into the core's runner."""
 
 from __future__ import annotations
 
@@ -12,10 +13,17 @@ from PIL import Image
 from vgt_core.cli import main
 from vgt_core.config import load_presets
 from vgt_core.errors import ConfigError
-from vgt_shapes.ablate import COLUMNS, Budget, run_ablation
+from vgt_core.ablation import Budget, run_ablation
+from vgt_shapes.world import TASKS
 
-TINY = Budget(understanding_steps=2, cached_images=64, reconstruction_images=16, samples_per_prompt=1,
-              prompts_per_task=1, understanding_eval_images=32)
+TINY = Budget(latent_images=64, eval_images=16)
+TINY_FLAGS = ["--latent-images", "64", "--eval-images", "16"]
+COLUMNS = ["cell", "status", "tokens_per_step", "psnr", "ssim", "geneval_overall", *(f"geneval_{t}" for t in TASKS),
+           "gen_s_per_image", "ae_train_s", "ar_train_s", "wall_s", "overrides", "error"]
+# The world's steps, budgets trimmed to the test's size (the steps are capped by --steps).
+SHAPES = {"prepare": {"name": "shapes-understanding", "options": {"eval_images": 32}},
+          "evaluators": [{"name": "reconstruction"},
+                         {"name": "shapes-geneval", "options": {"samples_per_prompt": 1, "prompts_per_task": 1}}]}
 
 
 @pytest.fixture(scope="module")
@@ -23,10 +31,11 @@ def registry(tmp_path_factory):
     """Two matrices on shapes-demo: two cells that share every artefact but generation, and one failing cell."""
     path = tmp_path_factory.mktemp("registry") / "ablations.yaml"
     path.write_text(yaml.safe_dump({"matrices": {
-        "two": {"description": "tokens per step", "base": "shapes-demo",
+        "two": {"description": "tokens per step", "base": "shapes-demo", **SHAPES,
                 "axes": {"generation.tokens_per_step": [1, 4]}},
-        "mixed": {"description": "one cell fails at generation", "base": "shapes-demo",
+        "mixed": {"description": "one cell fails at generation", "base": "shapes-demo", **SHAPES,
                   "cells": {"bad-schedule": {"generation.tokens_per_step": [3, 3]}, "m16": {"generation.tokens_per_step": 16}}},
+        "not-shapes": {"base": "tiny-internvl3", **SHAPES, "cells": {"a": {}}},
     }}))
     return str(path)
 
@@ -57,16 +66,22 @@ def test_two_cell_matrix_writes_a_complete_table(two):
     # the two cells differ only in generation: they share the autoencoder, the latents and the generator
     metrics = [json.loads((out / r["cell"] / "metrics.json").read_text()) for r in table]
     assert metrics[0]["artifacts"] == metrics[1]["artifacts"]
-    assert metrics[0]["reconstruction"] == metrics[1]["reconstruction"]
+    assert metrics[0]["evaluations"]["reconstruction"] == metrics[1]["evaluations"]["reconstruction"]
+    assert metrics[0]["evaluations"]["reconstruction"]["n_images"] == 16  # the held-out images
     assert len(list((out / "shared").glob("ar-*"))) == 1 and len(list((out / "shared").glob("vlm-*"))) == 1
+    # every cell's encoder and backbone were the pre-trained VLM's
+    vlm = next((out / "shared").glob("vlm-*"))
+    preset = json.loads((out / "tokens_per_step=1" / "preset.json").read_text())
+    assert preset["encoder"]["options"]["pretrained"] == preset["backbone"]["options"]["pretrained"] == str(vlm)
     # the generator was trained with the capped number of steps
     assert json.loads((out / metrics[0]["artifacts"]["generator"] / ".." / "preset.json").read_text())["train_ar"]["steps"] == 2
     for r in table:
-        assert len([p for p in (out / r["cell"] / "geneval").iterdir() if p.name.isdigit()]) == 6  # one prompt per task
+        assert len([p for p in (out / r["cell"] / "shapes-geneval").iterdir() if p.name.isdigit()]) == 6  # one prompt per task
 
     md = (out / "results.md").read_text()
     assert "# Ablation `two`" in md and "`shapes-demo`" in md and "tokens per step" in md
     assert "`tokens_per_step=1`" in md and "`tokens_per_step=4`" in md and "GenEval" in md
+    assert "understanding VLM, pre-trained 2 steps" in md
     assert Image.open(out / "results.png").size[0] > 500
 
 
@@ -79,7 +94,8 @@ def test_rerun_skips_finished_cells(two, registry, monkeypatch):
         raise AssertionError("a finished cell was run again")
 
     monkeypatch.setattr("vgt_core.pipeline.VGTPipeline.from_pretrained", no_training)
-    monkeypatch.setattr("vgt_shapes.ablate.train_autoencoder", no_training)
+    monkeypatch.setattr("vgt_core.ablation.train_autoencoder", no_training)
+    monkeypatch.setattr("vgt_shapes.understanding.pretrain_understanding", no_training)
     again = run_ablation("two", out, steps=2, quick=True, progress=False, registry=[registry], budget=TINY)
     assert again == rows
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/metrics.json")} == stamps
@@ -87,7 +103,7 @@ def test_rerun_skips_finished_cells(two, registry, monkeypatch):
 
 def test_failing_cell_is_recorded_and_the_others_still_run(two, registry, capsys):
     out, _ = two  # the same folder: the new cells reuse the shared VLM, autoencoder and generator
-    code = main(["ablate", "--matrix", "mixed", "--out", str(out), "--steps", "2", "--quick", "--quiet", "--registry", registry])
+    code = main(["ablate", "--matrix", "mixed", "--out", str(out), "--steps", "2", "--quick", "--quiet", "--registry", registry, *TINY_FLAGS])
     assert code == 1  # the run went on, then reported the failure
     table = {r["cell"]: r for r in read_csv(out / "results.csv")}
     assert table["bad-schedule"]["status"] == "failed"
@@ -97,6 +113,16 @@ def test_failing_cell_is_recorded_and_the_others_still_run(two, registry, capsys
     assert table["m16"]["status"] == "ok" and table["m16"]["geneval_overall"] != ""
     assert "Failed cells" in (out / "results.md").read_text()
     assert "bad-schedule" in capsys.readouterr().out
+    for kind in ("vlm", "ae1", "ae2", "latents", "ar"):
+        assert len(list((out / "shared").glob(f"{kind}-*"))) == 1, kind
+
+
+def test_the_shapes_preparation_refuses_a_base_preset_of_another_world(registry, tmp_path):
+    for i in range(2):
+        Image.new("RGB", (64, 64), (40 * i, 90, 200)).save(tmp_path / f"{i}.png")
+    with pytest.raises(ConfigError, match=r"shapes-understanding \(matrices.not-shapes\) works on the shapes world: .* not None"):
+        run_ablation("not-shapes", tmp_path / "out", data=tmp_path, progress=False, registry=[registry], budget=Budget(eval_images=1))
+    assert not list((tmp_path / "out").glob("*/metrics.json"))
 
 
 def test_unknown_matrix_lists_the_known_ones(tmp_path):
@@ -119,6 +145,8 @@ def test_shipped_matrices_expand_to_the_paper_cells_and_validate():
     for name, expected in SHIPPED.items():
         matrix = book.matrix(name)
         assert matrix.base == "shapes-demo" and matrix.description
+        assert matrix.prepare.name == "shapes-understanding"
+        assert [e.name for e in matrix.evaluators] == ["reconstruction", "shapes-geneval"]
         cells = matrix.expand()
         assert list(cells) == list(expected)
         presets = {label: book.preset(matrix.base, overrides) for label, overrides in cells.items()}

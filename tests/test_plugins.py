@@ -123,9 +123,10 @@ def test_a_misspelled_hook_fails_loudly(register_plugin):
 def test_env_switch_restricts_which_plugins_load():
     only = vgt("plugins", "--json", env={"VGT_LOAD_PLUGINS": "dcae,queryar"})
     assert only.returncode == 0, only.stderr
-    assert {(r["kind"], r["name"]) for r in json.loads(only.stdout)} == {("decoder", "dcae"), ("sampler", "queryar")}
+    core = {("evaluator", "reconstruction")}  # the core's own component, not a plugin's: always there
+    assert {(r["kind"], r["name"]) for r in json.loads(only.stdout)} == {("decoder", "dcae"), ("sampler", "queryar")} | core
     none = vgt("plugins", "--json", env={"VGT_LOAD_PLUGINS": ""})
-    assert json.loads(none.stdout) == []
+    assert [((r["kind"], r["name"]), r["package"]) for r in json.loads(none.stdout)] == [(("evaluator", "reconstruction"), "vgt")]
     bad = vgt("plugins", env={"VGT_LOAD_PLUGINS": "dcea"})
     assert bad.returncode != 0 and "unknown plugin 'dcea'; known: dcae" in bad.stderr
 

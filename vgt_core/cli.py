@@ -84,7 +84,11 @@ def cmd_presets(args: argparse.Namespace) -> None:
         print(json.dumps(preset, indent=2) if args.json else yaml.safe_dump(preset, sort_keys=False), end="" if not args.json else "\n")
         return
     rows = [{"name": n, "description": book.raw(n).get("description", ""), "source": book.source(n)} for n in book.names()]
-    matrices = [{"name": n, "base": m.base, "cells": list(m.expand()), "description": m.description} for n, (m, _) in sorted(book.matrices.items())]
+    matrices = [
+        {"name": n, "base": m.base, "cells": list(m.expand()), "evaluators": [e.name for e in m.evaluators],
+         "prepare": m.prepare and m.prepare.name, "description": m.description}
+        for n, (m, _) in sorted(book.matrices.items())
+    ]  # fmt: skip
     blocks = [{"name": n, "source": source} for n, source in book.blocks().items()]
     if args.json:
         _print_json({"presets": rows, "blocks": blocks, "matrices": matrices})
@@ -96,7 +100,7 @@ def cmd_presets(args: argparse.Namespace) -> None:
     if matrices:
         print("\nmatrices:")
         for m in matrices:
-            print(f"  {m['name']:20} base {m['base']}, {len(m['cells'])} cells: {m['description']}")
+            print(f"  {m['name']:20} base {m['base']}, {len(m['cells'])} cells, scored by {'+'.join(m['evaluators'])}: {m['description']}")
 
 
 # -- VGT-AE -------------------------------------------------------------------------------------------------------
@@ -317,6 +321,35 @@ def cmd_bench_summary(args: argparse.Namespace) -> None:
     print(format_summary(summary))
 
 
+# -- ablations ----------------------------------------------------------------------------------------------------
+
+
+@command("ablate")
+def cmd_ablate(args: argparse.Namespace) -> int:
+    from vgt_core.ablation import Budget, run_ablation
+
+    budget = Budget.of(args.quick)
+    budget = Budget(latent_images=args.latent_images or budget.latent_images, eval_images=args.eval_images or budget.eval_images)
+    rows = run_ablation(
+        args.matrix, args.out, data=args.data, eval_data=args.eval_data, steps=args.steps, quick=args.quick,
+        progress=not args.quiet, registry=args.registry, budget=budget, overrides=_overrides(args.set),
+    )  # fmt: skip
+    for row in rows:
+        if row["status"] == "ok":
+            print(f"{row['cell']:24} " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in _scores(row)))
+        else:
+            print(f"{row['cell']:24} FAILED: {row['error']}")
+    failed = sum(row["status"] != "ok" for row in rows)
+    print(f"results: {args.out}/results.md" + (f"; {failed} cell(s) failed" if failed else ""))
+    return 1 if failed else 0
+
+
+def _scores(row: dict[str, Any]) -> list[tuple[str, Any]]:
+    """A results row's scores (what its evaluators reported), for one line of output."""
+    skip = {"cell", "status", "overrides", "error", "tokens_per_step", "ae_train_s", "ar_train_s", "wall_s"}
+    return [(k, v) for k, v in row.items() if k not in skip and v != ""]
+
+
 # -- upstream checkpoints ----------------------------------------------------------------------------------------
 
 
@@ -493,6 +526,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("bench-summary", "the paper's table from GenEval's / DPG-Bench's result files")
     p.add_argument("path", help="a results file, or a folder searched for them")
     p.add_argument("--json", action="store_true")
+
+    p = add("ablate", "run an ablation matrix of registry.yaml: every cell trained, scored and tabulated (results.md)")
+    p.add_argument("--matrix", required=True, help="a matrix name (see `vgt presets`)")
+    p.add_argument(
+        "--out", required=True,
+        help="folder for every cell, the shared artefacts and results.*: new, empty, or an earlier ablation's "
+        "(its finished cells are reused); any other folder is refused",
+    )
+    p.add_argument("--data", help="training images: folder, JSONL or tar shards (default: the base preset's dataset)")
+    p.add_argument(
+        "--eval-data",
+        help="held-out images the evaluators score (default: the last --eval-images of the training data, held out of training)",
+    )
+    p.add_argument("--eval-images", type=_at_least(1), help="images held out of the training data (default 512; --quick 64)")
+    p.add_argument("--latent-images", type=_at_least(1), help="training images cached for AR training (default 16384; --quick 2048)")
+    p.add_argument("--steps", type=_at_least(1), help="cap the training steps of every phase (smoke runs)")
+    p.add_argument("--quick", action="store_true", help="smoke budgets: the evaluators', the preparation's and the above")
+    p.add_argument("--registry", action="append", help="an extra registry.yaml (repeatable)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field of every cell (the cell's own overrides win)")
 
     p = add("convert-upstream", "convert released upstream VGT checkpoints (hustvl/VGT .pth) into a vgt folder")
     preset_args(p)

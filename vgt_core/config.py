@@ -227,7 +227,8 @@ class GeneratorOptions(Strict):
         1000.0,
         gt=0,
         description="the head embeds scale * t: 1 feeds t in [0, 1] as upstream's head does (converted upstream "
-        "models need it); 1000 is the DiT convention, measured better in the toy world (docs/ablations.md)",
+        "models need it); 1000 is the DiT convention, measured better in the toy world "
+        "(docs/results/2026-shapes-tuning-log.md)",
     )
     time_shift: Union[float, Literal["auto"]] = Field(
         "auto", description="training noise shift; auto = sqrt(h*w*C/4096) (dimension-adaptive)"
@@ -314,6 +315,11 @@ class Matrix(Strict):
     axes: dict[str, list[Any]] = Field(default_factory=dict, description="cartesian product of dotted keys")
     cells: dict[str, dict[str, Any]] = Field(default_factory=dict, description="named cells: label -> overrides")
     metrics: list[str] = Field(default_factory=list, description="metrics to tabulate (default: all)")
+    evaluators: list[ComponentSpec] = Field(
+        default_factory=lambda: [ComponentSpec(name="reconstruction")],
+        description="registered evaluators that score each cell (vgt_core.evaluators; default: reconstruction)",
+    )
+    prepare: ComponentSpec | None = Field(None, description="a registered preparation run once before the cells")
 
     def expand(self) -> dict[str, dict[str, Any]]:
         """Cell label -> overrides, axes first (in order), then named cells."""
@@ -580,6 +586,7 @@ class PresetBook:
                 where = f"matrices.{name}[{label}]"
                 data = self._use_blocks(apply_overrides(self.raw(matrix.base), overrides), source, where)
                 check_preset(data, source, where)
+            check_matrix_components(matrix, f"{source}: matrices.{name}")
 
 
 def _merge_preset(base: dict, preset: dict, components: bool = True) -> dict:
@@ -594,6 +601,17 @@ def _merge_preset(base: dict, preset: dict, components: bool = True) -> dict:
             merge = value.get("name", old.get("name")) == old.get("name")
         out[key] = _merge_preset(old, value, components=False) if merge else unshared_copy(value)
     return out
+
+
+def check_matrix_components(matrix: Matrix, where: str) -> None:
+    """The matrix's evaluators and preparation exist and their options are valid (names the key path)."""
+    from vgt_core.plugins import registry
+
+    reg = registry()
+    specs = [(f"evaluators[{i}]", "evaluator", spec) for i, spec in enumerate(matrix.evaluators)]
+    specs += [("prepare", "preparation", matrix.prepare)] if matrix.prepare is not None else []
+    for key, kind, spec in specs:
+        reg.get(kind, spec.name, where=f"{where}.{key}.name").validate(spec.options, where=where, prefix=f"{key}.options")
 
 
 def check_preset(data: dict, source: str, prefix: str) -> Preset:

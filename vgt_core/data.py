@@ -343,13 +343,17 @@ def open_dataset(
         if not isinstance(source, (str, os.PathLike)):
             raise ValueError("streaming reads tar shards from a path; this data source is a dataset object")
         return ShardSource(tar_shards(source), image_size, crop=crop, random_flip=random_flip)
-    if isinstance(source, (str, os.PathLike)):
-        raw = _source_for(Path(source))
-        if len(raw) == 0:
-            raise FileNotFoundError(f"{source}: no images found (looked for {_LOOKED_FOR})")
-    else:
-        raw = source
+    raw = open_source(source) if isinstance(source, (str, os.PathLike)) else source
     return TransformedDataset(raw, image_size, random_flip=random_flip, crop=crop)
+
+
+def open_source(path: str | os.PathLike) -> Dataset:
+    """The items of a path (image folder, ``.jsonl``, tar shards) before any transform, for code that splits or
+    subsets them (``vgt ablate`` holds images out). Raises FileNotFoundError when no images are found."""
+    raw = _source_for(Path(path))
+    if len(raw) == 0:
+        raise FileNotFoundError(f"{path}: no images found (looked for {_LOOKED_FOR})")
+    return raw
 
 
 def check_trainable(dataset: Dataset | ShardSource, batch_size: int, key: str) -> None:

@@ -21,7 +21,7 @@ hookimpl = pluggy.HookimplMarker("vgt")
 Register = Callable[..., None]
 
 # ---------------------------------------------------------------------------------------------------------------
-# Components: the four protocols of vgt_core.protocols, plus datasets.
+# Components: the four protocols of vgt_core.protocols, plus datasets (and, below, ablation evaluators).
 # Each ``register(name, factory, options=OptionsModel, description="")`` call adds one named component.
 # ``factory(options)`` receives an instance of ``options`` (a pydantic model, validated by the core before the
 # call) and returns the component. ``options`` defaults to a model with no fields. ``factory`` and ``options`` may
@@ -76,6 +76,29 @@ def vgt_register_datasets(register: Register) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Ablations (`vgt ablate`, vgt_core.evaluators): what a cell is scored with, and what runs once before the cells.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@hookspec
+def vgt_register_evaluators(register: Register) -> None:
+    """Register evaluators that score an ablation cell (protocol ``vgt_core.evaluators.Evaluator``), e.g.
+    ``reconstruction`` (the core's) or ``shapes-geneval`` (the shapes world's mini-GenEval).
+
+    :param register: ``register(name, factory, options=None, description="")``.
+    """
+
+
+@hookspec
+def vgt_register_preparations(register: Register) -> None:
+    """Register steps run once before an ablation's cells (protocol ``vgt_core.evaluators.Preparation``), whose
+    overrides apply to every cell, e.g. ``shapes-understanding`` (pre-train the toy VLM on the shapes world).
+
+    :param register: ``register(name, factory, options=None, description="")``.
+    """
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Presets: named pairings (encoder, decoder, backbone, sampler, training recipe) beside those of registry.yaml.
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -97,7 +120,7 @@ def vgt_register_presets(register: Register) -> None:
 
 @hookspec
 def vgt_add_commands(subparsers, command) -> None:
-    """Add sub-commands to ``vgt`` (the toy world adds ``demo``, ``eval-shapes`` and ``ablate``).
+    """Add sub-commands to ``vgt`` (the toy world adds ``demo`` and ``eval-shapes``).
 
     :param subparsers: the ``argparse`` sub-parsers object; call ``subparsers.add_parser(name, ...)``.
     :param command: a decorator ``command(name)(fn)`` that binds ``fn(args)`` to the sub-command ``name``.

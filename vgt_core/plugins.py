@@ -1,7 +1,8 @@
 """Plugin discovery: pluggy, the entry-point group ``vgt``, and the environment switches.
 
 - Plugins (vgt's own included) are found through the entry-point group ``vgt``.
-- ``VGT_LOAD_PLUGINS=a,b`` loads exactly the entry points named ``a`` and ``b`` (empty: none).
+- ``VGT_LOAD_PLUGINS=a,b`` loads exactly the entry points named ``a`` and ``b`` (empty: none); the core's own
+  components (``vgt_core.evaluators``, plugin ``vgt-core``) are always registered.
 - ``VGT_TRACE_PLUGINS=1`` prints every hook call.
 - After loading, ``check_pending`` turns a misspelled hook name into an error.
 """
@@ -25,6 +26,8 @@ _HOOKS = {
     "backbone": "vgt_register_backbones",
     "sampler": "vgt_register_samplers",
     "dataset": "vgt_register_datasets",
+    "evaluator": "vgt_register_evaluators",
+    "preparation": "vgt_register_preparations",
 }
 
 _pm: pluggy.PluginManager | None = None
@@ -41,6 +44,9 @@ def plugin_manager() -> pluggy.PluginManager:
     if _pm is None:
         pm = pluggy.PluginManager("vgt")
         pm.add_hookspecs(hookspecs)
+        from vgt_core import evaluators  # the core's own components (the reconstruction evaluator), always there
+
+        pm.register(evaluators, name="vgt-core")
         _load_entry_points(pm)
         pm.check_pending()
         if os.environ.get("VGT_TRACE_PLUGINS"):
@@ -93,7 +99,16 @@ def unregister_plugin(name: str) -> None:
 
 
 def _provenance(pm: pluggy.PluginManager) -> dict[int, tuple[str, str]]:
-    return {id(plugin): (dist.metadata["name"], dist.version) for plugin, dist in pm.list_plugin_distinfo()}
+    found = {id(plugin): (dist.metadata["name"], dist.version) for plugin, dist in pm.list_plugin_distinfo()}
+    core = pm.get_plugin("vgt-core")  # registered by hand, not through an entry point: the vgt package itself
+    if core is not None:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            found[id(core)] = ("vgt", version("vgt"))
+        except PackageNotFoundError:
+            pass
+    return found
 
 
 def registry() -> Registry:

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from vgt_core.errors import ConfigError, UnknownComponentError, VGTError
 
-KINDS = ("encoder", "decoder", "backbone", "sampler", "dataset")
+KINDS = ("encoder", "decoder", "backbone", "sampler", "dataset", "evaluator", "preparation")
 
 
 class Options(BaseModel):

@@ -1,7 +1,9 @@
 """The shapes world: a toy text-to-image world small enough to run VGT end to end on a CPU.
 
 ``world`` renders images with GenEval-style captions and metadata, ``scorer`` is mini-GenEval (a colour/shape
-detector with GenEval's rules). This module registers the world as the dataset ``shapes``.
+detector with GenEval's rules). This module registers the world as the dataset ``shapes``, mini-GenEval as the
+ablation evaluator ``shapes-geneval`` and the VLM's pre-training as the ablation preparation
+``shapes-understanding`` (``vgt_shapes.ablation``; ``vgt ablate`` is the core's).
 """
 
 from __future__ import annotations
@@ -67,6 +69,29 @@ def vgt_register_datasets(register):
     register("shapes", ShapesDataset, ShapesOptions, "the shapes world: 1-4 flat objects, GenEval-style captions")
 
 
+class GenEvalOptions(Options):
+    samples_per_prompt: int | None = Field(None, ge=1, description="images per prompt (default: the demo's 8; --quick: 1)")
+    prompts_per_task: int | None = Field(None, ge=1, description="evaluation prompts per task (default: every one; --quick: 2)")
+
+
+class UnderstandingOptions(Options):
+    steps: int | None = Field(None, ge=1, description="pre-training steps (default: the demo's 800; --quick: 10)")
+    eval_images: int = Field(256, ge=1, description="held-out images its description accuracy is measured on")
+
+
+@hookimpl
+def vgt_register_evaluators(register):
+    # imported only when an ablation builds it
+    register("shapes-geneval", "vgt_shapes.ablation:GenEvalEvaluator", GenEvalOptions,
+             "mini-GenEval of each cell's generator on the shapes world's prompts")
+
+
+@hookimpl
+def vgt_register_preparations(register):
+    register("shapes-understanding", "vgt_shapes.ablation:UnderstandingPreparation", UnderstandingOptions,
+             "pre-train the base preset's tiny VLM to describe shapes once; every cell's encoder/backbone loads it")
+
+
 @hookimpl
 def vgt_add_commands(subparsers, command):
     p = subparsers.add_parser("demo", help="the whole method on the toy world (CPU, minutes)")
@@ -80,19 +105,6 @@ def vgt_add_commands(subparsers, command):
     p.add_argument("--json", action="store_true")
     p.add_argument("--quiet", action="store_true")
     command("eval-shapes")(_eval_shapes)
-
-    p = subparsers.add_parser("ablate", help="run an ablation matrix of registry.yaml on the toy world")
-    p.add_argument("--matrix", required=True, help="a matrix name (see `vgt presets`)")
-    p.add_argument(
-        "--out", required=True,
-        help="folder for every cell, the shared artefacts and results.*: new, empty, or an earlier ablation's "
-        "(its finished cells are reused); any other folder is refused",
-    )
-    p.add_argument("--steps", type=int, help="cap the training steps of every phase (smoke runs)")
-    p.add_argument("--quick", action="store_true", help="the demo's quick budgets for every cell")
-    p.add_argument("--registry", action="append", help="an extra registry.yaml (repeatable)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    command("ablate")(_ablate)
 
 
 def _demo(args) -> None:
@@ -112,21 +124,6 @@ def _demo(args) -> None:
     scope = " (a --quick run; the targets are the full demo's)" if args.quick else ""
     print(f"targets{scope}: " + ("all met" if not missed else "NOT met: " + "; ".join(missed)))
     print(f"total {metrics['seconds']['total']:.0f} s; report: {args.out}/report.md")
-
-
-def _ablate(args) -> int:
-    from vgt_shapes.ablate import run_ablation
-
-    rows = run_ablation(args.matrix, args.out, steps=args.steps, quick=args.quick, progress=not args.quiet, registry=args.registry)
-    for row in rows:
-        if row["status"] == "ok":
-            print(f"{row['cell']:24} PSNR {row['psnr']:6.2f}  SSIM {row['ssim']:.4f}  GenEval {row['geneval_overall']:.3f}  "
-                  f"{row['gen_s_per_image']:.3f} s/image")
-        else:
-            print(f"{row['cell']:24} FAILED: {row['error']}")
-    failed = sum(row["status"] != "ok" for row in rows)
-    print(f"results: {args.out}/results.md" + (f"; {failed} cell(s) failed" if failed else ""))
-    return 1 if failed else 0
 
 
 def _eval_shapes(args) -> None:

@@ -83,7 +83,7 @@ QUICK = {
     "train_ar.steps": 30,
     "generation.num_sampling_steps": 4,
 }
-# 800 steps: at 250 the VLM named colours at 0.48 and shapes at chance (docs/ablations.md)
+# 800 steps: at 250 the VLM named colours at 0.48 and shapes at chance (docs/results/2026-shapes-tuning-log.md)
 UNDERSTANDING_STEPS = {"full": 800, "quick": 10}
 CACHED_IMAGES = {"full": 16_384, "quick": 2048}  # training images encoded once into the latent cache
 RECONSTRUCTION_IMAGES = {"full": 512, "quick": 64}  # held-out images for PSNR/SSIM

@@ -2,7 +2,7 @@
 Table 7, a plain autoencoder's latent space for the language model to learn, with no VLM behind it.
 
 Train it from scratch with the decoder (``train_ae.stage1.distill_weight: 0``: there is no pretrained encoder
-whose features could be kept); see the ``pairing`` matrix in registry.yaml and docs/ablations.md.
+whose features could be kept); see the ``pairing`` matrix in registry.yaml and docs/ablations.md (results: docs/results/).
 """
 
 from __future__ import annotations
