@@ -69,7 +69,7 @@ def cmd_plugins(args: argparse.Namespace) -> None:
         _print_json(rows)
         return
     for r in rows:
-        print(f"{r['kind']:11} {r['name']:20} {r['package']} {r['version']:8} {r['description']}")
+        print(f"{r['kind']:9} {r['name']:16} {r['package']} {r['version']:8} {r['description']}")
 
 
 @command("presets")
