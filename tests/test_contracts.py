@@ -65,3 +65,22 @@ class TestSamplers(SamplerContract):
     @pytest.fixture(params=specs("sampler"))
     def spec(self, request):
         return request.param
+
+
+def test_a_sampler_sees_the_sampler_context_not_the_generator(monkeypatch):
+    """Training and generation hand the sampler a ``SamplerContext``: nothing of the generator beyond it (no head,
+    no options) is within its reach."""
+    import torch
+
+    from vgt_core.config import GenerationConfig
+    from vgt_core.sampling import SamplerContext
+
+    gen = SamplerContract().generator({"name": "queryar"})
+    seen = []
+    for method in ("training_targets", "generate"):
+        original = getattr(gen.sampler, method)
+        monkeypatch.setattr(gen.sampler, method, lambda ctx, *a, _f=original, **k: (seen.append(ctx), _f(ctx, *a, **k))[1])
+    gen(torch.randn(2, gen.latent_channels, 1, 3), ["a", "b"])
+    gen.generate(["a"], (1, 3), GenerationConfig(num_sampling_steps=1, seed=0))
+    assert [type(ctx) for ctx in seen] == [SamplerContext, SamplerContext]
+    assert not hasattr(seen[0], "head") and seen[0].backbone is gen.backbone and seen[0].latent_channels == gen.latent_channels
