@@ -72,7 +72,8 @@ class _EchoEncoder(nn.Module):
         self.proj = nn.Linear(3, options.width)
 
     def grid(self, image_size):
-        return (8, 8)
+        size = image_size if isinstance(image_size, int) else image_size[0]
+        return (size // 8, size // 8)
 
     def forward(self, images):
         pooled = torch.nn.functional.avg_pool2d(images, 8).flatten(2).transpose(1, 2)
@@ -101,8 +102,9 @@ def test_duplicate_names_are_refused_naming_both_providers(register_plugin):
             register("dcae", _EchoEncoder)
 
     register_plugin(Clash(), name="clash")
-    with pytest.raises(ConfigError, match="'dcae' is registered twice: by plugin 'dcae'.*by plugin 'clash'"):
+    with pytest.raises(ConfigError, match="'dcae' is registered twice: by plugin '(dcae|clash)'.*by plugin '(dcae|clash)'") as err:
         registry()
+    assert "'dcae'" in str(err.value).split("twice")[1] and "'clash'" in str(err.value)
 
 
 def test_a_misspelled_hook_fails_loudly(register_plugin):
@@ -157,3 +159,102 @@ def test_registration_goes_through_pluggy_so_tracing_sees_it():
     assert done.returncode == 0, done.stderr[-2000:]
     for hook in ("vgt_register_encoders", "vgt_register_decoders", "vgt_register_backbones", "vgt_register_samplers"):
         assert hook in done.stderr
+
+
+def test_hook_implementations_may_take_a_subset_of_the_arguments(register_plugin):
+    """pluggy passes an implementation only the arguments it names (here: none of ``register``)."""
+    calls = []
+
+    class Quiet:
+        @hookimpl
+        def vgt_register_encoders(self):
+            calls.append("called")
+
+    register_plugin(Quiet(), name="quiet")
+    registry()
+    assert calls == ["called"]
+
+
+@pytest.mark.parametrize(("marks", "expected"), [
+    (({"tryfirst": True}, {}), ("a", "b")),  # a is registered first: without tryfirst it would be called last
+    (({}, {}), ("b", "a")),                  # pluggy's default: the plugin registered last is called first
+    (({}, {"trylast": True}), ("a", "b")),   # b is registered last: without trylast it would be called first
+])  # fmt: skip
+def test_registration_follows_pluggys_tryfirst_and_trylast(register_plugin, marks, expected):
+    """Plugins a then b both register "dup": whichever pluggy calls first has it, the duplicate error says so."""
+
+    def plugin(hook_marks):
+        class Dup:
+            @hookimpl(**hook_marks)
+            def vgt_register_encoders(self, register):
+                register("dup", _EchoEncoder, _EchoOptions)
+
+        return Dup()
+
+    register_plugin(plugin(marks[0]), name="a")
+    register_plugin(plugin(marks[1]), name="b")
+    with pytest.raises(ConfigError, match=f"'dup' is registered twice: by plugin '{expected[0]}'.*by plugin '{expected[1]}'"):
+        registry()
+
+
+def test_a_component_that_breaks_its_protocol_is_refused_at_build_naming_the_plugin(register_plugin):
+    class WrongGrid(_EchoEncoder):
+        def grid(self, image_size):
+            return (2, 2)  # the features are 8x8-pooled: grid(64) is 8x8, not 2x2
+
+    class NoGrid(nn.Module):
+        feature_dim, image_size = 8, 64
+
+        def forward(self, images):
+            return images
+
+    class Broken:
+        @hookimpl
+        def vgt_register_encoders(self, register):
+            register("wrong-grid", WrongGrid, _EchoOptions)
+            register("no-grid", lambda options: NoGrid())
+
+    register_plugin(Broken(), name="broken")
+    from vgt_core.errors import ContractError
+
+    with pytest.raises(ContractError, match=r"encoder 'wrong-grid' of plugin 'broken'.*shape \(1, 64, 8\), but grid\(\(64, 64\)\) = \(2, 2\)"):
+        registry().build("encoder", "wrong-grid")
+    with pytest.raises(ContractError, match=r"encoder 'no-grid' of plugin 'broken'.*lacks grid of the Encoder protocol"):
+        registry().build("encoder", "no-grid")
+
+
+def test_a_decoder_or_backbone_of_the_wrong_size_is_refused_at_build(register_plugin):
+    class HalfSizeDecoder(nn.Module):
+        latent_channels, upsample = 4, 8
+
+        def forward(self, z, size):
+            return torch.zeros(z.shape[0], 3, size[0] // 2, size[1] // 2)
+
+    class NarrowBackbone(nn.Module):
+        hidden_size = 16  # but it embeds and computes 8 wide
+
+        def embed_prompts(self, prompts, max_tokens=None):
+            return torch.zeros(len(prompts), 2, 8), torch.ones(len(prompts), 2, dtype=torch.long)
+
+        def forward(self, inputs_embeds, attention_mask, position_ids, cache=None):
+            return inputs_embeds, cache
+
+        def new_cache(self):
+            return None
+
+    class Sizes:
+        @hookimpl
+        def vgt_register_decoders(self, register):
+            register("half", lambda options: HalfSizeDecoder())
+
+        @hookimpl
+        def vgt_register_backbones(self, register):
+            register("narrow", lambda options: NarrowBackbone())
+
+    register_plugin(Sizes(), name="sizes")
+    from vgt_core.errors import ContractError
+
+    with pytest.raises(ContractError, match=r"decoder 'half' of plugin 'sizes'.*gives \(1, 3, 8, 12\), not \(1, 3, 16, 24\)"):
+        registry().build("decoder", "half")
+    with pytest.raises(ContractError, match=r"backbone 'narrow' of plugin 'sizes'.*embeddings \(1, 2, 8\).*hidden_size = 16"):
+        registry().build("backbone", "narrow")

@@ -54,3 +54,12 @@ print(type(ae.encoder).__module__, ae.decoder.__class__.__name__, tuple(z.shape)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=installed)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["vgt_llava", "DCAEDecoder", "(2,", "32,", "4,", "4)", "True"]
+
+
+def test_installed_plugin_passes_vgts_contract_tests(installed):
+    """The example's own test file: its encoder and backbone subclass ``vgt_core.testing``'s contract classes."""
+    env = {**installed, "PYTHONDONTWRITEBYTECODE": "1"}  # nothing written into the docs folder
+    args = ["-q", "-p", "no:cacheprovider", "--rootdir", str(EXAMPLE), "-o", "addopts=", str(EXAMPLE / "test_vgt_llava.py")]
+    result = subprocess.run([sys.executable, "-m", "pytest", *args], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and " failed" not in result.stdout

@@ -14,6 +14,11 @@ class ConfigError(VGTError, ValueError):
     """A configuration (registry.yaml, preset, options) is invalid; the message names file, key and values."""
 
 
+class ContractError(VGTError, TypeError):
+    """A built component does not keep its protocol (``vgt_core.protocols``); the message names the plugin, the
+    component and what is missing or of the wrong size."""
+
+
 class UnknownComponentError(ConfigError, KeyError):
     """A component name that no plugin registered."""
 

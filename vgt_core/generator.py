@@ -12,7 +12,6 @@ Grids are learnable ``(1, D, G, G)`` maps center-cropped to the latent's ``h x w
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,29 +21,18 @@ from torch import nn
 from vgt_core.config import GenerationConfig, GeneratorOptions, LatentNorm
 from vgt_core.randomness import Draws, GlobalDraws, SampleDraws, sample_generator
 from vgt_core.flow import FlowHead, dimension_adaptive_shift, flow_matching_loss, guided, solve_flow
+# the sampler toolkit, re-exported here for code written before it had a module of its own
+from vgt_core.sampling import (  # noqa: F401
+    PromptBatch,
+    SamplerContext,
+    center_crop,
+    decoding_orders,
+    guidance_at,
+    position_ids_from,
+)
 from vgt_core.serialization import WEIGHTS_NAME, atomic_folder, load_weights, read_model_config, write_model_folder
 
 FORMAT = "vgt-generator"
-
-
-@dataclass
-class PromptBatch:
-    """Left-padded prompt embeddings ``(R, T, D)`` and mask ``(R, T)``. With classifier-free guidance the
-    rows are ``[conditional..., unconditional...]`` and ``guided`` is True."""
-
-    embeds: torch.Tensor
-    mask: torch.Tensor
-    guided: bool = False
-
-
-def center_crop(grid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """``(1, D, G, G)`` -> ``(h*w, D)``, the centre ``h x w`` window in raster order."""
-    g_h, g_w = grid.shape[-2:]
-    h, w = size
-    if h > g_h or w > g_w:
-        raise ValueError(f"latent grid {h}x{w} exceeds the generator's max_grid {g_h}x{g_w}")
-    top, left = (g_h - h) // 2, (g_w - w) // 2
-    return grid[0, :, top : top + h, left : left + w].flatten(1).transpose(0, 1)
 
 
 def image_draws(seed: int, first: int, count: int) -> SampleDraws:
@@ -54,48 +42,9 @@ def image_draws(seed: int, first: int, count: int) -> SampleDraws:
     return SampleDraws([sample_generator(seed + first + i, "generate", 0, 0) for i in range(count)])
 
 
-def decoding_orders(
-    prompts: PromptBatch, grid: tuple[int, int], order: str, rng: torch.Generator | SampleDraws
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The order in which each image's positions are generated, ``(B, N)``: a seeded random permutation per image
-    (from each image's own generator when ``rng`` is ``SampleDraws``) or raster; and the same per prompt row
-    ``(R, N)``, so both CFG branches of an image follow its order."""
-    rows = prompts.embeds.shape[0]
-    images, total = (rows // 2 if prompts.guided else rows), grid[0] * grid[1]
-    if order == "raster":
-        orders = torch.arange(total).expand(images, total).clone()
-    elif isinstance(rng, SampleDraws):
-        if len(rng) != images:
-            raise ValueError(f"{len(rng)} image generators for {images} images")
-        orders = torch.stack([torch.randperm(total, generator=g) for g in rng.generators])
-    else:
-        orders = torch.stack([torch.randperm(total, generator=rng) for _ in range(images)])
-    orders = orders.to(prompts.embeds.device)
-    return orders, torch.cat([orders, orders]) if prompts.guided else orders
-
-
 def _gather_tokens(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``tokens`` ``(B, N, F)`` at raster positions ``index`` ``(B, M)`` -> ``(B, M, F)``."""
     return tokens.gather(1, index[..., None].expand(-1, -1, tokens.shape[-1]))
-
-
-def position_ids_from(mask: torch.Tensor) -> torch.Tensor:
-    """1-D positions that skip padding: real tokens count 0, 1, 2, ... from each row's first real token."""
-    return (mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def guidance_at(config: GenerationConfig, done: int, step: int, total: int) -> float:
-    """The CFG scale for a step that samples ``step`` tokens after ``done`` of ``total``.
-
-    ``increasing`` ramps 1 -> scale (MAR's "linear"); ``decreasing`` ramps scale -> 1 (NextStep's and upstream's
-    "linear"); ``constant`` keeps the scale.
-    """
-    s = config.guidance_scale
-    if config.guidance_schedule == "increasing":
-        return 1 + (s - 1) * (done + step) / total
-    if config.guidance_schedule == "decreasing":
-        return 1 + (s - 1) * (total - done) / total
-    return s
 
 
 class VGTGenerator(nn.Module):
@@ -161,7 +110,11 @@ class VGTGenerator(nn.Module):
             options=GeneratorOptions.model_validate(options or {}),
         )
 
-    # -- pieces the samplers use --------------------------------------------------------------------------------
+    # -- pieces the samplers use (through ``sampler_context``) ---------------------------------------------------
+
+    def sampler_context(self) -> SamplerContext:
+        """The narrow view of this generator a sampler is given (``vgt_core.sampling``)."""
+        return SamplerContext(self.backbone, self.latent_channels, self.positions, self.embed_latents, self.sample_tokens)
 
     @property
     def device(self) -> torch.device:
@@ -171,9 +124,10 @@ class VGTGenerator(nn.Module):
         """Position embeddings ``(h*w, D)`` of the latent grid, raster order."""
         return center_crop(self.position_grid, grid)
 
-    def embed_latents(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """LM inputs for latent tokens ``(R, n, C)`` at embedded positions ``(R, n, D)``."""
-        return self.latent_in(tokens) + positions
+    def embed_latents(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """LM inputs for latent tokens ``(R, n, C)``, at embedded ``positions`` ``(R, n, D)`` when given."""
+        embedded = self.latent_in(tokens)
+        return embedded if positions is None else embedded + positions
 
     def renormalize(self, tokens: torch.Tensor) -> torch.Tensor:
         """Sampled latents back onto the AE's latent manifold (per-token LayerNorm when the AE uses it)."""
@@ -271,7 +225,7 @@ class VGTGenerator(nn.Module):
         grid = tuple(latents.shape[-2:])
         tokens = latents.flatten(2).transpose(1, 2)  # (B, N, C), raster order
         prompts = self.embed_prompts(captions, uncond, image_tokens=tokens.shape[1])
-        hidden, index, weight = self.sampler.training_targets(self, tokens, grid, prompts, draws=draws)
+        hidden, index, weight = self.sampler.training_targets(self.sampler_context(), tokens, grid, prompts, draws=draws)
         targets = _gather_tokens(tokens, index)
         repa_target = None
         if repa_features is not None:
@@ -305,7 +259,7 @@ class VGTGenerator(nn.Module):
             generator = image_draws(seed, 0, len(captions))
         use_cfg = config.guidance_scale != 1.0
         prompts = self.embed_prompts(captions, guided=use_cfg, image_tokens=grid[0] * grid[1])
-        tokens = self.sampler.generate(self, prompts, grid, config, generator)
+        tokens = self.sampler.generate(self.sampler_context(), prompts, grid, config, generator)
         return tokens.transpose(1, 2).reshape(len(captions), self.latent_channels, *grid)
 
     # -- persistence --------------------------------------------------------------------------------------------

@@ -59,7 +59,8 @@ def vgt_register_backbones(register: Register) -> None:
 @hookspec
 def vgt_register_samplers(register: Register) -> None:
     """Register generation schemes (protocol ``Sampler``): how a training sequence is laid out and how
-    latents are decoded at inference (QueryAR, MAR).
+    latents are decoded at inference (QueryAR, MAR). A sampler sees the generator only through a
+    ``vgt_core.sampling.SamplerContext`` and uses the helpers of ``vgt_core.sampling``.
 
     :param register: ``register(name, factory, options=None, description="")``.
     """

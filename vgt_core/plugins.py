@@ -129,13 +129,14 @@ def registry() -> Registry:
 
 
 def _per_plugin(pm: pluggy.PluginManager, hook: str) -> list[tuple[Any, Callable[..., Any]]]:
-    """Each implementation of ``hook`` with a caller for it alone, in the order the plugins were registered. The
-    calls go through pluggy, so tracing and implementations that take a subset of the hook's arguments work; one
-    plugin at a time, so each component is credited to the plugin that registered it."""
+    """Each implementation of ``hook`` with a caller for it alone, in the order pluggy calls them (``tryfirst``
+    ones first, ``trylast`` ones last, otherwise the plugin registered last first). The calls go through pluggy, so
+    tracing and implementations that take a subset of the hook's arguments work; one plugin at a time, so each
+    component is credited to the plugin that registered it."""
     plugins = pm.get_plugins()
     return [
         (impl, pm.subset_hook_caller(hook, remove_plugins=[p for p in plugins if p is not impl.plugin]))
-        for impl in getattr(pm.hook, hook).get_hookimpls()
+        for impl in reversed(getattr(pm.hook, hook).get_hookimpls())
     ]
 
 

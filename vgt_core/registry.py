@@ -97,7 +97,12 @@ class Component:
             raise ConfigError(format_validation_error(exc, model, where, prefix)) from None
 
     def build(self, options: dict | BaseModel | None = None) -> Any:
-        return self.factory(self.validate(options))
+        """The component for ``options``, checked against its protocol (``vgt_core.protocols.check_component``)."""
+        from vgt_core.protocols import check_component
+
+        component = self.factory(self.validate(options))
+        check_component(self.kind, component, f"{self.kind} {self.name!r} of plugin {self.plugin!r} ({self.package})")
+        return component
 
 
 class Registry:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from vgt_core.config import GenerationConfig
-from vgt_core.generator import PromptBatch, VGTGenerator, decoding_orders, guidance_at, position_ids_from
+from vgt_core.sampling import PromptBatch, SamplerContext, decoding_orders, guidance_at, position_ids_from
 from vgt_core.randomness import Draws, GlobalDraws, SampleDraws
 from vgt_plugins.mar import MAROptions
 
@@ -66,52 +66,52 @@ class MAR(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, hidden_size))
         nn.init.normal_(self.mask_token, std=0.02)
 
-    def _image_inputs(self, generator: VGTGenerator, tokens: torch.Tensor, known: torch.Tensor, grid) -> torch.Tensor:
-        positions = generator.positions(grid)
-        latents = generator.latent_in(tokens)
+    def _image_inputs(self, ctx: SamplerContext, tokens: torch.Tensor, known: torch.Tensor, grid) -> torch.Tensor:
+        positions = ctx.positions(grid)
+        latents = ctx.embed_latents(tokens)
         return torch.where(known[..., None], latents, self.mask_token.to(latents.dtype)) + positions
 
-    def training_targets(self, generator: VGTGenerator, tokens: torch.Tensor, grid, prompts: PromptBatch, draws: Draws | None = None):
+    def training_targets(self, ctx: SamplerContext, tokens: torch.Tensor, grid, prompts: PromptBatch, draws: Draws | None = None):
         draws = draws if draws is not None else GlobalDraws()
         b, n, _ = tokens.shape
         ratio = truncated_normal(draws.rand(draws.per_sample(b), device=tokens.device), 1.0, self.options.mask_ratio_std, self.options.mask_ratio_min, 1.0)
         n_masked = (ratio * n).ceil().clamp(1, n)
         rank = draws.rand(draws.per_sample(b), n, device=tokens.device).argsort(-1).argsort(-1)
         masked = rank < n_masked[:, None]
-        image = self._image_inputs(generator, tokens, ~masked, grid)
+        image = self._image_inputs(ctx, tokens, ~masked, grid)
         embeds = torch.cat([prompts.embeds, image], dim=1)
         mask2d = torch.cat([prompts.mask, prompts.mask.new_ones(b, n)], dim=1)
         attention = full_attention_mask(prompts.mask, n, embeds.dtype)
-        hidden, _ = generator.backbone(embeds, attention, position_ids_from(mask2d))
+        hidden, _ = ctx.backbone(embeds, attention, position_ids_from(mask2d))
         return hidden[:, prompts.embeds.shape[1] :], torch.arange(n, device=tokens.device).expand(b, n), masked.float()
 
     @torch.no_grad()
-    def generate(self, generator: VGTGenerator, prompts: PromptBatch, grid, config: GenerationConfig, rng: torch.Generator | SampleDraws):
+    def generate(self, ctx: SamplerContext, prompts: PromptBatch, grid, config: GenerationConfig, rng: torch.Generator | SampleDraws):
         rows, n, device = prompts.embeds.shape[0], grid[0] * grid[1], prompts.embeds.device
         per_step = config.tokens_per_step if isinstance(config.tokens_per_step, int) else max(config.tokens_per_step)
         num_iter = config.num_iter or math.ceil(n / per_step)
         order, order_rows = decoding_orders(prompts, grid, config.order, rng)
         b = order.shape[0]
 
-        backbone = generator.backbone
+        backbone = ctx.backbone
         t = prompts.embeds.shape[1]
         cache = backbone.new_cache()
         backbone(prompts.embeds, prompts.mask, position_ids_from(prompts.mask), cache)  # the prompt, once
         image_positions = prompts.mask.sum(-1, keepdim=True) + torch.arange(n, device=device)
         attention = image_attention_mask(prompts.mask, n, prompts.embeds.dtype)
 
-        tokens = torch.zeros(rows, n, generator.latent_channels, device=device, dtype=prompts.embeds.dtype)
+        tokens = torch.zeros(rows, n, ctx.latent_channels, device=device, dtype=prompts.embeds.dtype)
         known = torch.zeros(rows, n, dtype=torch.bool, device=device)
         done = 0
         for step in range(num_iter):
             if done == n:
                 break
             upto = revealed_after(step, num_iter, n, done)
-            hidden, cache = backbone(self._image_inputs(generator, tokens, known, grid), attention, image_positions, cache)
+            hidden, cache = backbone(self._image_inputs(ctx, tokens, known, grid), attention, image_positions, cache)
             cache.crop(-n)  # forget this step's image keys: only the prompt's stay
             idx = order_rows[:, done:upto]
             picked = hidden.gather(1, idx[..., None].expand(-1, -1, hidden.shape[-1]))
-            z = generator.sample_tokens(picked, prompts, config, guidance_at(config, done, upto - done, n), rng)
+            z = ctx.sample_tokens(picked, prompts, config, guidance_at(config, done, upto - done, n), rng)
             z_rows = torch.cat([z, z]) if prompts.guided else z
             tokens.scatter_(1, idx[..., None].expand(-1, -1, z.shape[-1]), z_rows.to(tokens.dtype))
             known.scatter_(1, idx, True)

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from vgt_core.config import GenerationConfig
-from vgt_core.generator import PromptBatch, VGTGenerator, center_crop, decoding_orders, guidance_at, position_ids_from
+from vgt_core.sampling import PromptBatch, SamplerContext, center_crop, decoding_orders, guidance_at, position_ids_from
 from vgt_core.randomness import Draws, GlobalDraws, SampleDraws
 from vgt_plugins.queryar import QueryAROptions
 
@@ -79,8 +79,8 @@ class QueryAR(nn.Module):
                 f"(--set sampler.options.train_group_sizes=[...])"
             )
 
-    def queries(self, generator: VGTGenerator, grid: tuple[int, int]) -> torch.Tensor:
-        return center_crop(self.query_grid, grid) + generator.positions(grid)  # (N, D)
+    def queries(self, ctx: SamplerContext, grid: tuple[int, int]) -> torch.Tensor:
+        return center_crop(self.query_grid, grid) + ctx.positions(grid)  # (N, D)
 
     # -- training -----------------------------------------------------------------------------------------------
 
@@ -92,7 +92,7 @@ class QueryAR(nn.Module):
         is_query = torch.tensor([True, False], device=order.device).view(1, 1, 2, 1).expand_as(g)
         return g.reshape(rows, 2 * n), is_query.reshape(rows, 2 * n)
 
-    def training_targets(self, generator: VGTGenerator, tokens: torch.Tensor, grid, prompts: PromptBatch, draws: Draws | None = None):
+    def training_targets(self, ctx: SamplerContext, tokens: torch.Tensor, grid, prompts: PromptBatch, draws: Draws | None = None):
         draws = draws if draws is not None else GlobalDraws()
         b, n, _ = tokens.shape
         sizes = self.options.train_group_sizes
@@ -111,16 +111,16 @@ class QueryAR(nn.Module):
             rows = group == m
             slot_pos[rows], slot_query[rows] = self._layout(order[rows], m)
 
-        positions = generator.positions(grid)  # (N, D)
-        queries = self.queries(generator, grid)
-        latents = generator.embed_latents(tokens, positions)  # (B, N, D)
+        positions = ctx.positions(grid)  # (N, D)
+        queries = self.queries(ctx, grid)
+        latents = ctx.embed_latents(tokens, positions)  # (B, N, D)
         picked = latents.gather(1, slot_pos[..., None].expand(-1, -1, latents.shape[-1]))
         image = torch.where(slot_query[..., None], queries[slot_pos], picked)
 
         embeds = torch.cat([prompts.embeds, image], dim=1)
         mask = torch.cat([prompts.mask, torch.ones(b, 2 * n, dtype=prompts.mask.dtype, device=device)], dim=1)
         ids = torch.cat([position_ids_from(prompts.mask), self._image_ids(prompts, 0, slot_pos)], dim=1)
-        hidden, _ = generator.backbone(embeds, mask, ids)
+        hidden, _ = ctx.backbone(embeds, mask, ids)
         hidden = hidden[:, prompts.embeds.shape[1] :]
         read = hidden[slot_query].view(b, n, -1)  # the state at each query, in sequence order
         return read, slot_pos[slot_query].view(b, n), torch.ones(b, n, device=device)
@@ -137,14 +137,14 @@ class QueryAR(nn.Module):
     # -- generation ---------------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def generate(self, generator: VGTGenerator, prompts: PromptBatch, grid, config: GenerationConfig, rng: torch.Generator | SampleDraws):
+    def generate(self, ctx: SamplerContext, prompts: PromptBatch, grid, config: GenerationConfig, rng: torch.Generator | SampleDraws):
         rows, n, device = prompts.embeds.shape[0], grid[0] * grid[1], prompts.embeds.device
         order, order_rows = decoding_orders(prompts, grid, config.order, rng)
         b = order.shape[0]
-        positions, queries = generator.positions(grid), self.queries(generator, grid)
-        backbone = generator.backbone
+        positions, queries = ctx.positions(grid), self.queries(ctx, grid)
+        backbone = ctx.backbone
 
-        out = torch.zeros(b, n, generator.latent_channels, device=device, dtype=positions.dtype)
+        out = torch.zeros(b, n, ctx.latent_channels, device=device, dtype=positions.dtype)
         cache = backbone.new_cache() if config.use_cache else None
         mask, sequence = prompts.mask, prompts.embeds
         ids = position_ids_from(mask)
@@ -169,10 +169,10 @@ class QueryAR(nn.Module):
                 sequence = torch.cat([sequence, new], dim=1)
                 hidden, _ = backbone(sequence, mask, ids)
             # guidance follows the steps, as upstream's schedule does (equal to a token count when steps are equal)
-            z = generator.sample_tokens(hidden[:, -m:], prompts, config, guidance_at(config, step, 1, len(sizes)), rng)
+            z = ctx.sample_tokens(hidden[:, -m:], prompts, config, guidance_at(config, step, 1, len(sizes)), rng)
             out.scatter_(1, order[:, done : done + m, None].expand(-1, -1, z.shape[-1]), z.to(out.dtype))
             z_rows = torch.cat([z, z]) if prompts.guided else z
-            pending, pending_idx = generator.embed_latents(z_rows, positions[idx]), idx
+            pending, pending_idx = ctx.embed_latents(z_rows, positions[idx]), idx
             if interleave:
                 pending = torch.stack([queries[idx], pending], dim=2).flatten(1, 2)  # [Q1, z1, Q2, z2, ...]
                 pending_idx = idx.repeat_interleave(2, dim=1)
