@@ -80,3 +80,29 @@ def random_inception_weights(tmp_path_factory):
     path = tmp_path_factory.mktemp("inception") / INCEPTION_WEIGHTS_NAME
     torch.save(net.state_dict(), path)
     return path
+
+
+def install_example(folder: Path, target: Path) -> dict[str, str]:
+    """pip-install a worked example package of docs/plugins (no dependencies: vgt is already here) into ``target``;
+    the environment that puts it on the path of a subprocess, as an installed third-party plugin."""
+    import subprocess
+    import sys
+
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--target", str(target), str(folder)],
+        check=True,
+        capture_output=True,
+    )
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(target), os.environ.get("PYTHONPATH")]))}
+
+
+def run_example_contract_tests(folder: Path, test_file: str, env: dict[str, str]) -> None:
+    """Run a worked example's own contract test file (``vgt_core.testing`` subclasses) against the installed package."""
+    import subprocess
+    import sys
+
+    env = {**env, "PYTHONDONTWRITEBYTECODE": "1"}  # nothing written into the docs folder
+    args = ["-q", "-p", "no:cacheprovider", "--rootdir", str(folder), "-o", "addopts=", str(folder / test_file)]
+    result = subprocess.run([sys.executable, "-m", "pytest", *args], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and " failed" not in result.stdout

@@ -12,21 +12,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO
+from conftest import REPO, install_example, run_example_contract_tests
 
 EXAMPLE = REPO / "docs" / "plugins" / "vgt-smolvlm"
 
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):
-    """pip-install the example package (no dependencies: vgt is already here) into a folder of its own."""
-    target = tmp_path_factory.mktemp("site")
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--target", str(target), str(EXAMPLE)],
-        check=True,
-        capture_output=True,
-    )
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(target), os.environ.get("PYTHONPATH")]))}
+    return install_example(EXAMPLE, tmp_path_factory.mktemp("site"))
 
 
 def test_installed_plugin_shows_up_with_its_preset(installed):
@@ -127,3 +120,8 @@ def test_the_documented_train_command_runs_offline(installed, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "VGT-AE stage 1 saved to" in result.stdout
     assert not (tmp_path / "torch-home").exists()  # no LPIPS trunk was fetched
+
+
+def test_installed_plugin_passes_vgts_contract_tests(installed):
+    """The example's own test file: its encoder and backbone subclass ``vgt_core.testing``'s contract classes."""
+    run_example_contract_tests(EXAMPLE, "test_vgt_smolvlm.py", installed)

@@ -3,27 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, install_example, run_example_contract_tests
 
 EXAMPLE = REPO / "docs" / "plugins" / "vgt-llava"
 
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):
-    """pip-install the example package (no dependencies: vgt is already here) into a folder of its own."""
-    target = tmp_path_factory.mktemp("site")
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--target", str(target), str(EXAMPLE)],
-        check=True,
-        capture_output=True,
-    )
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(target), os.environ.get("PYTHONPATH")]))}
+    return install_example(EXAMPLE, tmp_path_factory.mktemp("site"))
 
 
 def test_installed_plugin_shows_up_in_vgt_plugins(installed):
@@ -58,8 +50,4 @@ print(type(ae.encoder).__module__, ae.decoder.__class__.__name__, tuple(z.shape)
 
 def test_installed_plugin_passes_vgts_contract_tests(installed):
     """The example's own test file: its encoder and backbone subclass ``vgt_core.testing``'s contract classes."""
-    env = {**installed, "PYTHONDONTWRITEBYTECODE": "1"}  # nothing written into the docs folder
-    args = ["-q", "-p", "no:cacheprovider", "--rootdir", str(EXAMPLE), "-o", "addopts=", str(EXAMPLE / "test_vgt_llava.py")]
-    result = subprocess.run([sys.executable, "-m", "pytest", *args], capture_output=True, text=True, env=env, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
-    assert " passed" in result.stdout and " failed" not in result.stdout
+    run_example_contract_tests(EXAMPLE, "test_vgt_llava.py", installed)

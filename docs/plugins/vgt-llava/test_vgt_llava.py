@@ -9,4 +9,4 @@ class TestLlavaEncoder(EncoderContract):
 
 
 class TestLlavaBackbone(BackboneContract):
-    name, options = "llava-lm", {"config": TINY}
+    name, options = "llava-lm", {"config": TINY, "tokenizer": "byte-level"}
