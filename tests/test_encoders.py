@@ -46,6 +46,15 @@ def test_internvl3_features_equal_transformers(tmp_path, images):
     assert encoder.tower.language_model is None  # only the vision part stays in memory
 
 
+def test_internvl3_refuses_a_grid_its_pixel_shuffle_cannot_make():
+    """transformers' InternVL pixel shuffle assumes a square patch grid: grid() says so instead of promising one."""
+    encoder = registry().build("encoder", "internvl3", builtin_preset("tiny-internvl3")["encoder"]["options"])
+    assert encoder.grid(64) == (4, 4)
+    for size in [(32, 48), 40]:
+        with pytest.raises(ValueError, match="square image whose side is a multiple of 16"):
+            encoder.grid(size)
+
+
 def test_qwen25vl_features_equal_transformers_with_its_image_processor(tmp_path):
     model = tiny_qwen()
     model.save_pretrained(tmp_path)

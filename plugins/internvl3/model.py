@@ -7,7 +7,6 @@ multimodal projector (upstream's ``mlp1``). 448 px -> 32 x 32 patches -> 16 x 16
 
 from __future__ import annotations
 
-from torch import nn
 from transformers import InternVLConfig, InternVLForConditionalGeneration
 
 from vgt_adapters.hf_language import HFLanguageBackbone
@@ -19,25 +18,17 @@ class InternVL3Encoder(HFVisionEncoder):
     config_class = InternVLConfig
     default_mean, default_std = IMAGENET_MEAN, IMAGENET_STD
 
-    def keep_vision(self, vlm: nn.Module) -> nn.Module:
-        model = vlm.model  # InternVLModel: vision_tower + multi_modal_projector (+ language_model, dropped)
-        model.language_model = None
-        return model
-
-    def native_image_size(self) -> int:
-        return self.pair(self.config.vision_config.image_size)[0]
-
-    def output_dim(self) -> int:
-        return self.config.text_config.hidden_size
+    # The adapter's defaults fit InternVL3: its base model without the LM, vision_config.image_size, the LM width,
+    # and get_image_features' pooler_output.
 
     def grid(self, image_size):
         h, w = self.pair(image_size)
-        ph, pw = self.pair(self.config.vision_config.patch_size)
-        r = self.config.downsample_ratio
-        return int(h // ph * r), int(w // pw * r)
-
-    def forward(self, images):
-        return self.tower.get_image_features(pixel_values=self.preprocess(images)).pooler_output
+        ph, pw = self.pair(self.vision_config.patch_size)
+        step = ph / self.config.downsample_ratio
+        # transformers' InternVL pixel shuffle reshapes the patch grid as a square: a non-square input fails there
+        if h != w or h % step:
+            raise ValueError(f"InternVL3's pixel shuffle needs a square image whose side is a multiple of {step:g}; got {h}x{w}")
+        return int(h // step), int(w // step)
 
 
 class InternVL3Backbone(HFLanguageBackbone):
