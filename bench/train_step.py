@@ -1,6 +1,6 @@
 """Training-step overhead: the library's training loops against a bare PyTorch loop on the same model and batch.
 
-    python bench/train_step.py [--preset tiny-internvl3] [--ar-steps 40] [--ae-steps 12] [--repeats 3] [--gan] [--json OUT]
+    python bench/train_step.py [--preset tiny-internvl3] [--ae-preset P] [--ar-steps 40] [--ae-steps 12] [--repeats 3] [--gan] [--json OUT]
 
 What is compared, exactly:
 
@@ -15,17 +15,26 @@ What is compared, exactly:
   draws (``SampleDraws``), prompt dropout, forward and loss, backward, ``float(loss)``, gradient clipping, AdamW,
   the LR schedule, the EMA, and the log every ``log_every`` steps. Sample images and checkpoints fall on no
   timed step (``sample_count`` 0, checkpoints only at the end).
-* **bare**: a loop written here: the same model (built by the same functions from the same seed), the same first
-  batch held as tensors, AdamW with the same settings; per step AR: ``loss = gen(latents, captions, uncond)`` (the
-  global RNG), ``backward``, ``step``, ``zero_grad``; AE: forward, MSE + the library's ``PerceptualLoss`` (random
-  weights, as the preset) + distillation MSE to a frozen copy of the encoder, ``backward``, ``step``, ``zero_grad``.
-  No clipping, schedule, EMA, logging or loader.
+* **bare**: a loop written here: the same model (built by the same functions from the same seed), the same data
+  held as tensors (the batches the library's loader draws from, in turn); per step AR: ``loss = gen(latents,
+  captions, uncond)`` (the global RNG), ``backward``; AE: forward, MSE + the library's ``PerceptualLoss`` (random
+  weights, as the preset) + distillation MSE to a frozen copy of the encoder, ``backward``; then, in both, what the
+  preset asks of every step and any hand-written loop for it would do too: gradient clipping at ``grad_clip``
+  (``torch.nn.utils.clip_grad_norm_(..., foreach=True)``), AdamW with the library's settings (fused where torch has
+  it, as ``TrainingRun.adamw``), the warm-up + cosine LR schedule, ``zero_grad(set_to_none=True)``, and the EMA at
+  ``ema_decay`` (diffusers' ``EMAModel``, ``foreach``) when the preset has one. These are the recipe, not plumbing:
+  a bare loop without them computes something else, and the ratio would charge the library for the work it was
+  asked to do. (Before 2026-12-06 the bare loop had no clipping, EMA or schedule: clipping and the EMA were most of
+  the 1.15-1.20 measured then; and without the warm-up the shapes-demo AE's full LR from step 1 made its backward
+  ~20 % slower, which read as a library faster than the bare loop.) No loader, per-sample draws, NaN check or
+  logging: those are what the ratio measures.
 
 On a CPU with several cores it also times the bare AR loop (15 steps) at 1 thread against one per core.
 
 ``overhead_ratio`` = median library step / median bare step (AR), ``ae_overhead_ratio`` the same for stage 1. Runs
 alternate library and bare ``--repeats`` times; each ratio is of medians over all timed steps. ``--profile`` adds a
-cProfile of one library AR run (the functions where the step's time goes).
+cProfile of one library AR run and one library AE stage-1 run (the functions where the step's time goes);
+``--preset shapes-demo`` measures the demo's own models and batch sizes.
 """
 
 from __future__ import annotations
@@ -80,6 +89,35 @@ def _autocast(device: str, setting: str):
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=mixed_precision(setting) == "bf16")
 
 
+def _bare_optimizer(groups: list[dict], cfg) -> torch.optim.AdamW:
+    """AdamW as the library builds it (``TrainingRun.adamw``): fused on a CPU or CUDA device."""
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=True)
+
+
+def _bare_schedule(optimizer: torch.optim.Optimizer, cfg):
+    """The preset's warm-up and cosine decay (the same ``LambdaLR`` as the library's)."""
+    from vgt_core.training.run import cosine_with_warmup
+
+    return cosine_with_warmup(optimizer, cfg.warmup_steps, cfg.steps, cfg.end_lr / cfg.lr)
+
+
+def _bare_update(params: list, optimizer: torch.optim.Optimizer, schedule, ema, cfg) -> None:
+    """Clip (when the preset does), step, schedule, zero the gradients, update the EMA (when the preset has one)."""
+    if cfg.grad_clip:
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True)
+    optimizer.step()
+    schedule.step()
+    optimizer.zero_grad(set_to_none=True)
+    if ema is not None:
+        ema.step(params)
+
+
+def _bare_ema(params: list, cfg):
+    from diffusers.training_utils import EMAModel
+
+    return EMAModel(params, decay=cfg.ema_decay, foreach=True) if cfg.ema_decay else None
+
+
 # -- data ---------------------------------------------------------------------------------------------------------
 
 
@@ -93,21 +131,24 @@ def _images(count: int, size: int) -> list[dict[str, Any]]:
 # -- AR --------------------------------------------------------------------------------------------------------------
 
 
+def _run(fn, profile: bool) -> str:
+    """Run ``fn``; with ``profile``, under cProfile, returning its top 25 functions by own time."""
+    if not profile:
+        fn()
+        return ""
+    prof = cProfile.Profile()
+    prof.runcall(fn)
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(25)
+    return text.getvalue()
+
+
 def ar_library(p, ae_dir: Path, cache: Path, steps: int, skip: int, work: Path, profile: bool = False) -> tuple[list[float], str]:
     from vgt_core.training.autoregressive import train_generator
 
     STAMPS.clear()
     out = Path(tempfile.mkdtemp(dir=work))
-    run = lambda: train_generator(p, ae_dir, out, data=str(cache), steps=steps, progress=False)  # noqa: E731
-    report = ""
-    if profile:
-        prof = cProfile.Profile()
-        prof.runcall(run)
-        text = io.StringIO()
-        pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(20)
-        report = text.getvalue()
-    else:
-        run()
+    report = _run(lambda: train_generator(p, ae_dir, out, data=str(cache), steps=steps, progress=False), profile)
     return _step_times(STAMPS, skip), report
 
 
@@ -119,16 +160,21 @@ def ar_bare(p, ae_dir: Path, batch: dict[str, Any], steps: int, skip: int, devic
     torch.manual_seed(cfg.seed)
     ae = VGTAutoencoder.from_pretrained(ae_dir)
     gen = build_generator(p, ae).to(device).train()
-    optimizer = torch.optim.AdamW(gen.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    latents, captions = batch["latents"].to(device), batch["captions"]
+    if gen.head.repa_projector is not None:
+        gen.head.repa_projector.requires_grad_(False)  # as the library: unused without REPA
+    params = [q for q in gen.parameters() if q.requires_grad]
+    optimizer, ema = _bare_optimizer([{"params": params}], cfg), _bare_ema(params, cfg)
+    schedule = _bare_schedule(optimizer, cfg)
+    size = cfg.batch_size  # the cached batches in turn: the library's loader also sees new latents every step
+    batches = [(lat, batch["captions"][i * size : (i + 1) * size]) for i, lat in enumerate(batch["latents"].to(device).split(size))]
     stamps = [time.perf_counter()]
-    for _ in range(steps):
+    for i in range(steps):
+        latents, captions = batches[i % len(batches)]
         uncond = torch.rand(len(captions), device=device) < cfg.prompt_dropout
         with _autocast(device, cfg.mixed_precision):
             loss = gen(latents, captions, uncond)
         loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        _bare_update(params, optimizer, schedule, ema, cfg)
         synchronize(device)
         stamps.append(time.perf_counter())
     return _step_times(stamps[1:], skip)
@@ -137,12 +183,13 @@ def ar_bare(p, ae_dir: Path, batch: dict[str, Any], steps: int, skip: int, devic
 # -- AE stage 1 ------------------------------------------------------------------------------------------------------
 
 
-def ae_library(p, data: list[dict[str, Any]], steps: int, skip: int, work: Path) -> list[float]:
+def ae_library(p, data: list[dict[str, Any]], steps: int, skip: int, work: Path, profile: bool = False) -> tuple[list[float], str]:
     from vgt_core.training.autoencoder import train_autoencoder
 
     STAMPS.clear()
-    train_autoencoder(p, Path(tempfile.mkdtemp(dir=work)), stage=1, data=data, steps=steps, progress=False)
-    return _step_times(STAMPS, skip)
+    out = Path(tempfile.mkdtemp(dir=work))
+    report = _run(lambda: train_autoencoder(p, out, stage=1, data=data, steps=steps, progress=False), profile)
+    return _step_times(STAMPS, skip), report
 
 
 def ae_bare(p, images: torch.Tensor, steps: int, skip: int, device: str = "cpu") -> list[float]:
@@ -168,17 +215,21 @@ def ae_bare(p, images: torch.Tensor, steps: int, skip: int, device: str = "cpu")
     )
     if perceptual is not None:
         perceptual.to(device)
-    images = images.to(device)
+    batches = images.to(device).split(cfg.batch_size)  # the library's loader also sees new images every step
     if cfg.encoder_lr_mult == 0:
         ae.encoder.requires_grad_(False)
     encoder = [q for q in ae.encoder.parameters() if q.requires_grad]
     ids = {id(q) for q in ae.encoder.parameters()}
     rest = [q for q in ae.parameters() if id(q) not in ids and q.requires_grad]
     groups = [{"params": rest}] + ([{"params": encoder, "lr": cfg.lr * cfg.encoder_lr_mult}] if encoder else [])
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    optimizer = _bare_optimizer(groups, cfg)
+    schedule = _bare_schedule(optimizer, cfg)
+    params = [q for q in ae.parameters() if q.requires_grad]
+    ema = _bare_ema(params, cfg)
     ae.train()
     stamps = [time.perf_counter()]
-    for _ in range(steps):
+    for i in range(steps):
+        images = batches[i % len(batches)]
         with _autocast(device, cfg.mixed_precision):
             out = ae(images)
         recon = out["reconstruction"].float()
@@ -190,8 +241,7 @@ def ae_bare(p, images: torch.Tensor, steps: int, skip: int, device: str = "cpu")
                 target = teacher(images)
             loss = loss + cfg.distill_weight * F.mse_loss(out["features"].float(), target.float())
         loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        _bare_update(params, optimizer, schedule, ema, cfg)
         synchronize(device)
         stamps.append(time.perf_counter())
     return _step_times(stamps[1:], skip)
@@ -203,12 +253,14 @@ def ae_bare(p, images: torch.Tensor, steps: int, skip: int, device: str = "cpu")
 def main() -> None:
     ap = parser(__doc__, repeats=3)
     ap.add_argument("--preset", default="tiny-internvl3")
+    ap.add_argument("--ae-preset", default=None, help="the preset of the AE stage-1 loops (default: --preset); e.g. "
+                    "shapes-demo, whose generator needs the demo's own tokenizer and so cannot be the AR one here")
     ap.add_argument("--ar-steps", type=int, default=40, help="steps per AR run (default 40)")
     ap.add_argument("--ae-steps", type=int, default=12, help="steps per AE stage-1 run (default 12)")
     ap.add_argument("--skip", type=int, default=3, help="first steps of each run left out of the timing (default 3)")
     ap.add_argument("--batch", type=int, default=None, help="batch size (default: the preset's train_ar / stage-1 batch)")
     ap.add_argument("--gan", action="store_true", help="AE: keep the preset's GAN term on from the first step (default: off)")
-    ap.add_argument("--profile", action="store_true", help="print a cProfile of one extra library AR run (top 20 by own time)")
+    ap.add_argument("--profile", action="store_true", help="print a cProfile of one extra library AR run and AE stage-1 run (top 25 by own time)")
     args = ap.parse_args()
     # The library's trainers run where accelerate puts them (the GPU when there is one): the bare loops follow.
     accelerate_device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -233,35 +285,38 @@ def main() -> None:
     if args.batch:
         overrides["train_ar.batch_size"] = overrides["train_ae.stage1.batch_size"] = args.batch
     p = preset(args.preset, overrides)
-    ar_batch, ae_batch = p.train_ar.batch_size, p.train_ae.stage1.batch_size
+    pe = preset(args.ae_preset, overrides) if args.ae_preset else p
+    ar_batch, ae_batch = p.train_ar.batch_size, pe.train_ae.stage1.batch_size
 
     with tempfile.TemporaryDirectory(prefix="vgt-bench-") as tmp:
         work = Path(tmp)
         torch.manual_seed(0)
         ae = build_autoencoder(p).eval()
         ae.save_pretrained(work / "ae")
-        data = _images(max(ar_batch, ae_batch) * 4, ae.image_size)
+        data = _images(ar_batch * 4, ae.image_size)
         cache_latents(ae, open_dataset(data, ae.image_size), work / "cache", batch_size=ar_batch, progress=False)
         cached = LatentDataset(work / "cache")
-        ar_first = {"latents": torch.stack([cached[i]["latents"] for i in range(ar_batch)]), "captions": [cached[i]["caption"] for i in range(ar_batch)]}
-        ae_images = torch.stack([open_dataset(data, ae.image_size)[i]["image"] for i in range(ae_batch)])
+        ar_data = {"latents": torch.stack([cached[i]["latents"] for i in range(len(cached))]), "captions": [cached[i]["caption"] for i in range(len(cached))]}
+        ae_size = pe.image_size or build_autoencoder(pe).image_size
+        ae_data = _images(ae_batch * 4, ae_size)
+        ae_images = torch.stack([open_dataset(ae_data, ae_size)[i]["image"] for i in range(len(ae_data))])
 
         times: dict[str, list[float]] = {"ar library": [], "ar bare": [], "ae library": [], "ae bare": []}
         # warm-up: one short run of each (kernels, allocator, imports), not timed
         ar_library(p, work / "ae", work / "cache", args.skip + 2, args.skip, work)
-        ar_bare(p, work / "ae", ar_first, args.skip + 2, args.skip, dev)
-        ae_library(p, data, args.skip + 2, args.skip, work)
-        ae_bare(p, ae_images, args.skip + 2, args.skip, dev)
-        print(f"{args.preset}: AR batch {ar_batch} ({tuple(ar_first['latents'].shape[1:])} latents), {args.ar_steps} steps a run; "
-              f"AE stage 1 batch {ae_batch} ({ae.image_size} px), {args.ae_steps} steps a run, GAN {'on' if args.gan else 'off'}; "
+        ar_bare(p, work / "ae", ar_data, args.skip + 2, args.skip, dev)
+        ae_library(pe, ae_data, args.skip + 2, args.skip, work)
+        ae_bare(pe, ae_images, args.skip + 2, args.skip, dev)
+        print(f"{args.preset}: AR batch {ar_batch} ({tuple(ar_data['latents'].shape[1:])} latents), {args.ar_steps} steps a run; "
+              f"{args.ae_preset or args.preset}: AE stage 1 batch {ae_batch} ({ae_size} px), {args.ae_steps} steps a run, GAN {'on' if args.gan else 'off'}; "
               f"first {args.skip} steps of each run untimed; {args.repeats} rounds")
         rounds: list[dict[str, float]] = []
         for r in range(args.repeats):
             now = {
                 "ar library": ar_library(p, work / "ae", work / "cache", args.ar_steps, args.skip, work)[0],
-                "ar bare": ar_bare(p, work / "ae", ar_first, args.ar_steps, args.skip, dev),
-                "ae library": ae_library(p, data, args.ae_steps, args.skip, work),
-                "ae bare": ae_bare(p, ae_images, args.ae_steps, args.skip, dev),
+                "ar bare": ar_bare(p, work / "ae", ar_data, args.ar_steps, args.skip, dev),
+                "ae library": ae_library(pe, ae_data, args.ae_steps, args.skip, work)[0],
+                "ae bare": ae_bare(pe, ae_images, args.ae_steps, args.skip, dev),
             }
             for k, v in now.items():
                 times[k] += v
@@ -272,8 +327,11 @@ def main() -> None:
         threads: dict[str, float] = {}
         if dev == "cpu" and (os.cpu_count() or 1) > 1:  # the bare AR loop (15 steps) at 1 thread and at all cores
             print()
-            threads = thread_comparison(lambda: ar_bare(p, work / "ae", ar_first, 15, 0), args.repeats, "bare AR loop, 15 steps")
-        profile = ar_library(p, work / "ae", work / "cache", args.ar_steps, args.skip, work, profile=True)[1] if args.profile else ""
+            threads = thread_comparison(lambda: ar_bare(p, work / "ae", ar_data, 15, 0), args.repeats, "bare AR loop, 15 steps")
+        profiles = {}
+        if args.profile:
+            profiles["AR"] = ar_library(p, work / "ae", work / "cache", args.ar_steps, args.skip, work, profile=True)[1]
+            profiles["AE stage-1"] = ae_library(pe, ae_data, args.ae_steps, args.skip, work, profile=True)[1]
 
     median = {k: statistics.median(v) for k, v in times.items()}
     print(f"\n{'loop':<12} {'ms / step':>10} {'steps timed':>12}")
@@ -284,6 +342,7 @@ def main() -> None:
         "script": "bench/train_step.py",
         "command": " ".join(sys.argv),
         "preset": args.preset,
+        "ae_preset": args.ae_preset or args.preset,
         "ar_batch": ar_batch,
         "ae_batch": ae_batch,
         "gan": args.gan,
@@ -294,8 +353,8 @@ def main() -> None:
         "ratios_per_round": [{k: round(v, 3) for k, v in r.items()} for r in rounds],
     }
     print(f"\noverhead_ratio (AR library / bare): {result['overhead_ratio']}\nae_overhead_ratio (AE stage 1 library / bare): {result['ae_overhead_ratio']}")
-    if profile:
-        print("\ncProfile of one library AR run (top 20 by own time):\n" + profile)
+    for name, report in profiles.items():
+        print(f"\ncProfile of one library {name} run (setup included; top 25 by own time):\n" + report)
     write_json(args.json, result)
 
 

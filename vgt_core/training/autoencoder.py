@@ -108,13 +108,13 @@ def train_autoencoder(
     groups = optimizer_groups(((n, p) for n, p in ae.named_parameters() if id(p) not in encoder_ids), cfg.weight_decay)
     for group in optimizer_groups(ae.encoder.named_parameters(), cfg.weight_decay):
         groups.append({**group, "lr": cfg.lr * cfg.encoder_lr_mult})
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+    optimizer = run.adamw(groups, lr=cfg.lr, betas=cfg.betas)
     schedule = cosine_with_warmup(optimizer, cfg.warmup_steps, cfg.steps, cfg.end_lr / cfg.lr)
     gan_start = cfg.gan_start_step  # an absolute step, or the fraction of (the possibly overridden) cfg.steps
     use_gan = cfg.gan_weight > 0
     disc = Discriminator(cfg.disc_channels, layout=cfg.disc_layout) if use_gan else None
     # biases and norms are not decayed, as upstream's discriminator optimizer
-    disc_opt = torch.optim.AdamW(optimizer_groups(disc.named_parameters(), cfg.weight_decay), lr=cfg.lr, betas=cfg.betas) if use_gan else None
+    disc_opt = run.adamw(optimizer_groups(disc.named_parameters(), cfg.weight_decay), lr=cfg.lr, betas=cfg.betas) if use_gan else None
     # the discriminator's schedule starts when it does, after gan_start, and spans the steps left
     disc_schedule = cosine_with_warmup(disc_opt, cfg.warmup_steps, cfg.steps - gan_start, cfg.end_lr / cfg.lr) if use_gan else None
     lecam = LeCam() if use_gan and cfg.lecam_weight > 0 else None
@@ -159,6 +159,9 @@ def train_autoencoder(
     if ema is not None:
         ema.to(acc.device)
     loader = run.loader(dataset, cfg.batch_size, cfg.seed, start, num_workers=cfg.num_workers)
+    # once: walking the modules costs per step
+    params, raw_params = list(ae.parameters()), list(raw.parameters())
+    disc_params = list(disc.parameters()) if use_gan else []
 
     # -- loop --------------------------------------------------------------------------------------------------
     ae.train()
@@ -197,7 +200,7 @@ def train_autoencoder(
         scalars = run.averaged(scalars)
         run.stop_if_not_finite(step, scalars)  # on every process together, before the optimizer uses it
         if cfg.grad_clip:
-            acc.clip_grad_norm_(ae.parameters(), cfg.grad_clip)
+            run.clip_gradients(params, cfg.grad_clip)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
@@ -222,12 +225,12 @@ def train_autoencoder(
             run.stop_if_not_finite(step, d_scalars)
             scalars.update(d_scalars)
             if cfg.grad_clip:
-                acc.clip_grad_norm_(disc.parameters(), cfg.grad_clip)
+                run.clip_gradients(disc_params, cfg.grad_clip)
             disc_opt.step()
             disc_schedule.step()
             disc_opt.zero_grad(set_to_none=True)
         if ema is not None:
-            ema.step(raw.parameters())
+            ema.step(raw_params)
 
         run.advance(scalars)
         if step % cfg.log_every == 0 or step == cfg.steps:

@@ -84,7 +84,7 @@ def train_generator(
 
     if teacher is None and gen.head.repa_projector is not None:
         gen.head.repa_projector.requires_grad_(False)  # unused without REPA: no update, no data-parallel stall
-    optimizer = torch.optim.AdamW(optimizer_groups(gen.named_parameters(), cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+    optimizer = run.adamw(optimizer_groups(gen.named_parameters(), cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
     schedule = cosine_with_warmup(optimizer, cfg.warmup_steps, cfg.steps, cfg.end_lr / cfg.lr)
     acc = run.accelerator
     gen, optimizer = acc.prepare(gen, optimizer)
@@ -104,6 +104,7 @@ def train_generator(
     if ema is not None:
         ema.to(acc.device)
     loader = run.loader(dataset, cfg.batch_size, cfg.seed, start, num_workers=cfg.num_workers, collate_fn=collate)
+    params, raw_params = list(gen.parameters()), list(raw.parameters())  # once: walking the modules costs per step
 
     gen.train()
     for step, parts in run.batches(loader, start, cfg.steps, "VGT-AR"):
@@ -132,12 +133,12 @@ def train_generator(
         scalars = run.averaged(scalars)
         run.stop_if_not_finite(step, scalars)  # on every process together, before the optimizer uses it
         if cfg.grad_clip:
-            acc.clip_grad_norm_(gen.parameters(), cfg.grad_clip)
+            run.clip_gradients(params, cfg.grad_clip)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         if ema is not None:
-            ema.step(raw.parameters())
+            ema.step(raw_params)
 
         run.advance(scalars)
         if step % cfg.log_every == 0 or step == cfg.steps:
