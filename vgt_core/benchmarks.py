@@ -24,7 +24,7 @@ import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from PIL import Image
 
@@ -81,19 +81,24 @@ def parse_shard(text: str) -> Shard:
 # -- prompts ----------------------------------------------------------------------------------------------------
 
 
+def _json_lines(path: Path) -> Iterator[tuple[int, Any]]:
+    """``(line number, value)`` of each non-blank line of a JSON-lines file; a line that is not JSON is an error."""
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield number, json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise BenchmarkError(f"{path}:{number}: not a JSON object ({exc.msg})") from None
+
+
 def read_geneval_metadata(path: str | os.PathLike) -> list[dict]:
     """GenEval's ``evaluation_metadata.jsonl``: one JSON object with a ``prompt`` per line, in order."""
     path = Path(path)
     if not path.is_file():
         raise BenchmarkError(f"--metadata: no such file: {path} (GenEval's prompts/evaluation_metadata.jsonl)")
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise BenchmarkError(f"{path}:{number}: not a JSON object ({exc.msg})") from None
+    for number, row in _json_lines(path):
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
             raise BenchmarkError(f"{path}:{number}: expected a JSON object with a 'prompt' string")
         rows.append(row)
@@ -354,13 +359,7 @@ def read_geneval_results(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     tasks: dict[str, list[int]] = {}
     prompts: dict[str, bool] = {}
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise BenchmarkError(f"{path}:{number}: not a JSON object ({exc.msg})") from None
+    for number, row in _json_lines(path):
         if not isinstance(row, dict) or "tag" not in row or "correct" not in row:
             raise BenchmarkError(f"{path}:{number}: not a GenEval result (needs 'tag' and 'correct')")
         correct = bool(row["correct"])

@@ -207,20 +207,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         check_output(out, IMAGES_KIND, "replace")  # before the model loads; checked again when written
     device = "cuda" if torch.cuda.is_available() else "cpu"
     pipe = VGTPipeline.from_pretrained(args.model, device=device, dtype=args.dtype)
-    settings = {
-        key: value
-        for key, value in {
-            "tokens_per_step": args.tokens_per_step,
-            "guidance_scale": args.guidance_scale,
-            "guidance_schedule": args.guidance_schedule,
-            "num_sampling_steps": args.num_sampling_steps,
-            "solver": args.solver,
-            "temperature": args.temperature,
-            "order": args.order,
-            "seed": args.seed,
-        }.items()
-        if value is not None
-    }
+    settings = {key: getattr(args, key) for key in (*GENERATION_FLAGS, "seed") if getattr(args, key) is not None}
     from vgt_core.config import GenerationConfig, validate_model
 
     validate_model(GenerationConfig, {**pipe.defaults.model_dump(), **settings}, "generation settings")  # names the flag's key
@@ -241,9 +228,6 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 # -- benchmarks: GenEval, DPG-Bench (vgt_core.benchmarks) ------------------------------------------------------
-
-GENERATION_FLAGS = ("tokens_per_step", "guidance_scale", "guidance_schedule", "num_sampling_steps", "solver", "temperature", "order")
-
 
 def _shard(args: argparse.Namespace) -> Any:
     from vgt_core.benchmarks import Shard, parse_shard
@@ -401,6 +385,25 @@ def _seed(text: str) -> int:
     return value
 
 
+GENERATION_FLAGS = ("tokens_per_step", "guidance_scale", "guidance_schedule", "num_sampling_steps", "solver", "temperature", "order")
+
+
+def generation_args(p: argparse.ArgumentParser) -> None:
+    """The sampler flags of every command that generates (unset: the model folder's generation.json)."""
+    p.add_argument("--tokens-per-step", type=int, help="position queries per LM pass (1, 4, 16, ...)")
+    p.add_argument("--guidance-scale", type=float)
+    p.add_argument("--guidance-schedule", choices=["constant", "increasing", "decreasing"])
+    p.add_argument("--num-sampling-steps", type=int)
+    p.add_argument("--solver", choices=["euler", "sde"])
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--order", choices=["random", "raster"])
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        help="weights and compute dtype (default: bfloat16 on a CUDA GPU that supports it, float32 on CPU)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vgt", description="Visual Generation Tuning: a VLM that generates images")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error (also: VGT_DEBUG=1)")
@@ -479,19 +482,8 @@ def build_parser() -> argparse.ArgumentParser:
         "(0000.png, ...): new, empty, or an earlier `vgt generate` folder holding only its images, which is replaced; "
         "any other folder is refused",
     )
-    p.add_argument("--tokens-per-step", type=int, help="position queries per LM pass (1, 4, 16, ...)")
-    p.add_argument("--guidance-scale", type=float)
-    p.add_argument("--guidance-schedule", choices=["constant", "increasing", "decreasing"])
-    p.add_argument("--num-sampling-steps", type=int)
-    p.add_argument("--solver", choices=["euler", "sde"])
-    p.add_argument("--temperature", type=float)
-    p.add_argument("--order", choices=["random", "raster"])
+    generation_args(p)
     p.add_argument("--seed", type=_seed, help="image i uses seed + i, alone or in a batch (0 <= seed < 2**64)")
-    p.add_argument(
-        "--dtype",
-        choices=["float32", "bfloat16", "float16"],
-        help="weights and compute dtype (default: bfloat16 on a CUDA GPU that supports it, float32 on CPU)",
-    )
 
     def bench_args(p: argparse.ArgumentParser, what: str) -> None:
         p.add_argument("--model", required=True, help="a pipeline folder (or train-ar run folder)")
@@ -504,14 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "each process takes its share of that)")  # fmt: skip
         p.add_argument("--batch-size", type=_at_least(1), default=16, help="images per generator call")
         p.add_argument("--seed", type=_seed, default=0, help="image j of prompt k uses seed + k * images + j")
-        p.add_argument("--tokens-per-step", type=int)
-        p.add_argument("--guidance-scale", type=float)
-        p.add_argument("--guidance-schedule", choices=["constant", "increasing", "decreasing"])
-        p.add_argument("--num-sampling-steps", type=int)
-        p.add_argument("--solver", choices=["euler", "sde"])
-        p.add_argument("--temperature", type=float)
-        p.add_argument("--order", choices=["random", "raster"])
-        p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on a CUDA GPU that supports it")
+        generation_args(p)
 
     p = add("bench-geneval", "generate GenEval's image folder (score it with GenEval's evaluate_images.py)")
     p.add_argument("--metadata", required=True, help="GenEval's prompts/evaluation_metadata.jsonl")
