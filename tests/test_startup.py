@@ -30,7 +30,9 @@ print(json.dumps({{"status": status, "heavy": heavy}}), file=sys.stderr)
 """
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["plugins"], ["presets"], ["presets", "show", "tiny-internvl3"]])
+@pytest.mark.parametrize(
+    "argv", [["--help"], ["plugins"], ["plugins", "--quiet"], ["presets"], ["presets", "show", "tiny-internvl3"]]
+)
 def test_listing_commands_import_no_torch(argv):
     result = subprocess.run([sys.executable, "-c", PROBE.format(heavy=HEAVY), *argv], capture_output=True, text=True)
     report = json.loads(result.stderr.strip().splitlines()[-1])

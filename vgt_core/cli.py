@@ -548,8 +548,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _silence_library_progress_bars() -> None:
+# Commands that load no model: --quiet must not import transformers and diffusers (seconds) just to silence them.
+MODEL_FREE_COMMANDS = {"plugins", "presets", "bench-summary"}
+
+
+def _silence_library_progress_bars(command: str) -> None:
     """--quiet means no bars at all, the weight-loading bars of transformers and diffusers included."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # the hub's downloads; transformers reads it when imported
+    if command in MODEL_FREE_COMMANDS:
+        return
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
@@ -589,7 +596,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args = parser.parse_args(argv)
     if getattr(args, "quiet", False):
-        _silence_library_progress_bars()
+        _silence_library_progress_bars(args.command)
     try:
         return COMMANDS[args.command](args) or 0
     except _user_errors() as exc:
