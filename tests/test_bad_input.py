@@ -234,6 +234,20 @@ def test_every_class_of_bad_input_ends_as_one_error_line(models, tmp_path, capsy
         del os.environ["VGT_DEBUG"]
 
 
+def test_a_folder_that_is_not_a_model_is_named_as_such(models, tmp_path, capsys):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "meta.jsonl").write_text('{"prompt": "a red circle"}\n')
+    notes = str(tmp_path / "notes")
+    one_line_error(capsys, ["generate", "--model", notes, "--prompt", "x", "--out", str(tmp_path / "a.png")], "generate",
+                   "not a vgt pipeline folder")  # fmt: skip
+    one_line_error(capsys, ["bench-geneval", "--model", notes, "--metadata", str(tmp_path / "meta.jsonl"), "--out", str(tmp_path / "g")],
+                   "bench-geneval", "not a vgt pipeline folder")  # fmt: skip
+    one_line_error(capsys, ["eval-recon", "--model", notes, "--data", notes], "eval-recon", "not a VGT autoencoder folder (no config.json")
+    (tmp_path / "scores").mkdir()
+    (tmp_path / "scores" / "results.jsonl").write_text('{"tag": "colors"\n')
+    one_line_error(capsys, ["bench-summary", str(tmp_path / "scores")], "bench-summary", "results.jsonl: line 1 is not JSON")
+
+
 def test_an_unknown_plugin_in_vgt_load_plugins_is_one_error_line():
     env = {**os.environ, "VGT_LOAD_PLUGINS": "dcea"}
     done = subprocess.run([sys.executable, "-m", "vgt_core.cli", "plugins"], capture_output=True, text=True, env=env, timeout=300)

@@ -429,6 +429,8 @@ def find_results(path: str | os.PathLike) -> dict[str, Path]:
             try:
                 row = json.loads(first)
             except ValueError:
+                if p.name == "results.jsonl":  # GenEval's own output name: a damaged one is not silently passed over
+                    raise BenchmarkError(f"{p}: line 1 is not JSON (a damaged GenEval results file?)") from None
                 continue
             if isinstance(row, dict) and "tag" in row and "correct" in row:
                 found["geneval"] = p

@@ -95,6 +95,11 @@ class VGTPipeline:
         folder = Path(folder)
         if not (folder / "generator").exists() and (folder / "model" / "generator").exists():
             folder = folder / "model"
+        if not (folder / "autoencoder").is_dir() or not (folder / "generator").is_dir():
+            raise FileNotFoundError(
+                f"{folder}: not a vgt pipeline folder (no autoencoder/ and generator/; `vgt train-ar` and "
+                "`vgt convert-upstream --ar` write one)"
+            )
         defaults = None
         if (folder / "generation.json").exists():
             from vgt_core.config import load_json_model

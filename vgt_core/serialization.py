@@ -331,6 +331,8 @@ def write_model_folder(
 
 def read_model_config(folder: Path, fmt: str, what: str, roles: tuple[str, ...]) -> tuple[dict, dict[str, dict]]:
     """A model folder's config (its ``format`` checked) and each component's spec with paths made absolute."""
+    if not (folder / CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"{folder}: not a {what} folder (no {CONFIG_NAME}; vgt's training, conversion and export commands write one)")
     config = read_json(folder / CONFIG_NAME)
     if config.get("format") != fmt:
         raise ValueError(f"{folder}: not a {what} folder (format {config.get('format')!r})")
