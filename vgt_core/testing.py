@@ -7,7 +7,7 @@
         options = {"config": TINY_CONFIG}         # options of a tiny, random-weight instance (a CPU in seconds)
 
     class TestMyBackbone(BackboneContract):
-        name, options = "my-lm", {"config": TINY_CONFIG}
+        name, options = "my-lm", {"config": TINY_CONFIG, "tokenizer": "byte-level"}  # random weights: name a tokenizer
 
 Each class checks the protocol of ``vgt_core.protocols`` beyond the probe run at build time: shapes, batch
 independence, dtype and device following (``.to(torch.bfloat16)``, ``.to("cuda")`` where there is a GPU), the
