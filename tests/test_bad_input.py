@@ -246,6 +246,10 @@ def test_a_folder_that_is_not_a_model_is_named_as_such(models, tmp_path, capsys)
     (tmp_path / "scores").mkdir()
     (tmp_path / "scores" / "results.jsonl").write_text('{"tag": "colors"\n')
     one_line_error(capsys, ["bench-summary", str(tmp_path / "scores")], "bench-summary", "results.jsonl: line 1 is not JSON")
+    (tmp_path / "prompts").mkdir()
+    (tmp_path / "prompts" / "p1.txt").write_bytes(b"\xff\xfe\x00bad")
+    one_line_error(capsys, ["bench-dpg", "--model", notes, "--prompts", str(tmp_path / "prompts"), "--out", str(tmp_path / "d")],
+                   "bench-dpg", "p1.txt: not UTF-8 text")  # fmt: skip
 
 
 def test_an_unknown_plugin_in_vgt_load_plugins_is_one_error_line():

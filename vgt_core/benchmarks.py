@@ -116,7 +116,10 @@ def read_dpg_prompts(folder: str | os.PathLike) -> list[tuple[str, str]]:
     for path in sorted(folder.glob("*.txt")):
         if "." in path.stem:  # the scorer keys on name.split('.')[0]: "a.b.png" would be looked up as "a"
             raise BenchmarkError(f"{path}: DPG-Bench keys images on the name before the first dot; a prompt id may not contain one")
-        text = path.read_text(encoding="utf-8").strip()
+        try:
+            text = path.read_text(encoding="utf-8").strip()
+        except UnicodeDecodeError as exc:
+            raise BenchmarkError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
         if not text:
             raise BenchmarkError(f"{path}: empty prompt")
         prompts.append((path.stem, text))
