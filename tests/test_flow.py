@@ -65,6 +65,11 @@ def test_guidance_scale_one_is_the_conditional_velocity_and_zero_the_uncondition
     torch.testing.assert_close(guided(head, c, u, 0.0)(x, t), head(x, t, u), atol=1e-6, rtol=1e-5)
     v3 = guided(head, c, u, 3.0)(x, t)
     torch.testing.assert_close(v3, head(x, t, u) + 3 * (head(x, t, c) - head(x, t, u)), atol=1e-5, rtol=1e-5)
+    # one time for every row (as solve_flow passes it, a stride-0 view): embedded once, the same velocities
+    same = torch.tensor(0.3).expand(5)
+    for s in (1.0, 3.0):
+        expected = head(x, same.clone(), u) + s * (head(x, same.clone(), c) - head(x, same.clone(), u))
+        torch.testing.assert_close(guided(head, c, u, s)(x, same), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_euler_solver_is_exact_for_a_constant_velocity_and_temperature_scales_noise():
