@@ -62,7 +62,8 @@ class HFVisionEncoder(nn.Module):
     Set by ``__init__`` for the hooks to read: ``options`` (``VisionOptions``), ``config`` (the whole VLM config),
     ``text_config`` (the LM's, via ``get_text_config``), ``vision_config``, ``tower``, ``image_mean/std``,
     ``image_size``, ``feature_dim``. Helpers: ``pair(size)`` (an int or a pair -> ``(h, w)``),
-    ``normalize(images)``, ``batched_features(features, batch)``.
+    ``square_grid(image_size, step)`` (a pixel-shuffled square grid, else an error), ``normalize(images)``,
+    ``batched_features(features, batch)``.
     """
 
     model_class: ClassVar[type[PreTrainedModel]]
@@ -165,6 +166,17 @@ class HFVisionEncoder(nn.Module):
     @staticmethod
     def pair(size: int | tuple[int, int]) -> tuple[int, int]:
         return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+    def square_grid(self, image_size: int | tuple[int, int], step: float) -> tuple[int, int]:
+        """The grid of a tower whose pixel shuffle reshapes a square patch grid (InternVL, Idefics3/SmolVLM): one
+        latent per ``step`` pixels of a square side; any other size is an error here, not a reshape in forward."""
+        h, w = self.pair(image_size)
+        if h != w or h % step:
+            raise ValueError(
+                f"{type(self).__name__}: its pixel shuffle needs a square image whose side is a multiple of {step:g}; "
+                f"got {h}x{w}"
+            )
+        return int(h // step), int(w // step)
 
     @staticmethod
     def batched_features(features: Any, batch: int) -> torch.Tensor:

@@ -201,18 +201,7 @@ def ae_bare(p, images: torch.Tensor, steps: int, skip: int, device: str = "cpu")
     ae = build_autoencoder(p).to(device)
     ae.set_latent_regularization(cfg.latent_norm, cfg.noise_sigma)
     teacher = copy.deepcopy(ae.encoder).requires_grad_(False).eval()
-    perceptual = (
-        PerceptualLoss(
-            cfg.perceptual_net,
-            cfg.perceptual_backbone,
-            convnext_weight=cfg.convnext_weight,
-            convnext_model=cfg.convnext_model,
-            convnext_weights=cfg.convnext_weights,
-            convnext_size=cfg.convnext_size,
-        )
-        if cfg.perceptual_weight > 0
-        else None
-    )
+    perceptual = PerceptualLoss.for_stage(cfg)
     if perceptual is not None:
         perceptual.to(device)
     batches = images.to(device).split(cfg.batch_size)  # the library's loader also sees new images every step

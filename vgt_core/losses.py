@@ -248,6 +248,20 @@ class PerceptualLoss(nn.Module):
             ConvNeXtLoss(convnext_model, backbone, convnext_weights, convnext_size, **convnext_kwargs) if convnext_weight > 0 else None
         )
 
+    @classmethod
+    def for_stage(cls, stage: Any) -> PerceptualLoss | None:
+        """The loss a VGT-AE stage recipe (``train_ae.stage1``/``stage2``) asks for; None when its weight is 0."""
+        if stage.perceptual_weight <= 0:
+            return None
+        return cls(
+            stage.perceptual_net,
+            stage.perceptual_backbone,
+            convnext_weight=stage.convnext_weight,
+            convnext_model=stage.convnext_model,
+            convnext_weights=stage.convnext_weights,
+            convnext_size=stage.convnext_size,
+        )
+
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         # Full precision, as upstream's loss module (autocast off): LPIPS distances are small differences.
         with torch.autocast(x.device.type, enabled=False):

@@ -22,13 +22,9 @@ class InternVL3Encoder(HFVisionEncoder):
     # and get_image_features' pooler_output.
 
     def grid(self, image_size):
-        h, w = self.pair(image_size)
-        ph, pw = self.pair(self.vision_config.patch_size)
-        step = ph / self.config.downsample_ratio
-        # transformers' InternVL pixel shuffle reshapes the patch grid as a square: a non-square input fails there
-        if h != w or h % step:
-            raise ValueError(f"InternVL3's pixel shuffle needs a square image whose side is a multiple of {step:g}; got {h}x{w}")
-        return int(h // step), int(w // step)
+        # transformers' InternVL pixel shuffle reshapes the patch grid as a square
+        patch = self.pair(self.vision_config.patch_size)[0]
+        return self.square_grid(image_size, patch / self.config.downsample_ratio)
 
 
 class InternVL3Backbone(HFLanguageBackbone):

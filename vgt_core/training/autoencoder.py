@@ -118,18 +118,7 @@ def train_autoencoder(
     # the discriminator's schedule starts when it does, after gan_start, and spans the steps left
     disc_schedule = cosine_with_warmup(disc_opt, cfg.warmup_steps, cfg.steps - gan_start, cfg.end_lr / cfg.lr) if use_gan else None
     lecam = LeCam() if use_gan and cfg.lecam_weight > 0 else None
-    perceptual = (
-        PerceptualLoss(
-            cfg.perceptual_net,
-            cfg.perceptual_backbone,
-            convnext_weight=cfg.convnext_weight,
-            convnext_model=cfg.convnext_model,
-            convnext_weights=cfg.convnext_weights,
-            convnext_size=cfg.convnext_size,
-        )
-        if cfg.perceptual_weight > 0
-        else None
-    )
+    perceptual = PerceptualLoss.for_stage(cfg)
     source = data if data is not None else _named_dataset(preset)
     dataset = open_dataset(source, ae.image_size, random_flip=cfg.random_flip, crop=cfg.crop, streaming=cfg.streaming)
     check_trainable(dataset, cfg.batch_size, f"train_ae.stage{stage}.batch_size")

@@ -27,13 +27,8 @@ class SmolVLMEncoder(HFVisionEncoder):
     default_mean, default_std = SIGLIP_MEAN, SIGLIP_STD
 
     def grid(self, image_size):
-        h, w = self.pair(image_size)
-        step = self.vision_config.patch_size * self.config.scale_factor
-        if h != w or h % step:
-            raise ValueError(
-                f"SmolVLM's connector pixel-shuffles square grids: image_size {h}x{w} must be square and a multiple of {step}"
-            )
-        return h // step, w // step
+        # the connector pixel-shuffles a square patch grid: scale_factor x scale_factor patches per latent
+        return self.square_grid(image_size, self.vision_config.patch_size * self.config.scale_factor)
 
     def forward(self, images):
         # The two modules get_image_features runs, called directly: it takes (B, images, C, H, W) and drops every
