@@ -85,6 +85,9 @@ class HFLanguageBackbone(nn.Module):
         self.tokenizer = self._load_tokenizer(options, start)
         self.image_start_id = self.tokenizer.get_vocab().get(start) if start else None
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        # Captions repeat across steps (a dataset's epochs; a toy world's few dozen): the chat template took 8 % of a
+        # tiny model's training step, so each prompt's ids are kept (bounded; cleared when full).
+        self._prompt_ids: dict[tuple[str, int | None], list[int]] = {}
         embedded = self.lm.get_input_embeddings().num_embeddings
         if len(self.tokenizer) > embedded:
             raise ValueError(
@@ -154,7 +157,7 @@ class HFLanguageBackbone(nn.Module):
         return ids
 
     def embed_prompts(self, prompts: list[str], max_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = [self.token_ids(p, max_tokens) for p in prompts]
+        ids = [self._cached_ids(p, max_tokens) for p in prompts]
         length = max(len(i) for i in ids)
         device = self.lm.get_input_embeddings().weight.device
         input_ids = torch.full((len(ids), length), self.pad_id, dtype=torch.long, device=device)
@@ -163,6 +166,17 @@ class HFLanguageBackbone(nn.Module):
             input_ids[row, length - len(seq) :] = torch.tensor(seq, device=device)
             mask[row, length - len(seq) :] = 1
         return self.lm.get_input_embeddings()(input_ids), mask
+
+    PROMPT_CACHE_SIZE = 65_536
+
+    def _cached_ids(self, prompt: str, max_tokens: int | None) -> list[int]:
+        key = (prompt, max_tokens)
+        ids = self._prompt_ids.get(key)
+        if ids is None:
+            if len(self._prompt_ids) >= self.PROMPT_CACHE_SIZE:
+                self._prompt_ids.clear()
+            ids = self._prompt_ids[key] = self.token_ids(prompt, max_tokens)
+        return ids
 
     def forward(
         self,

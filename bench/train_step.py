@@ -29,7 +29,9 @@ What is compared, exactly:
   ~20 % slower, which read as a library faster than the bare loop.) No loader, per-sample draws, NaN check or
   logging: those are what the ratio measures.
 
-On a CPU with several cores it also times the bare AR loop (15 steps) at 1 thread against one per core.
+On a CPU with several cores it also times the bare AR loop (15 steps) at 1 thread against one per core, and on a CPU
+the bare AE loop with denormal floats against flushed to zero (``denormal_comparison``: the library's CPU runs flush
+them, ``TrainingRun``; SiLU's gradient makes them and x86 takes a slow path on each).
 
 ``overhead_ratio`` = median library step / median bare step (AR), ``ae_overhead_ratio`` the same for stage 1. Runs
 alternate library and bare ``--repeats`` times; each ratio is of medians over all timed steps. ``--profile`` adds a
@@ -236,6 +238,20 @@ def ae_bare(p, images: torch.Tensor, steps: int, skip: int, device: str = "cpu")
     return _step_times(stamps[1:], skip)
 
 
+def denormal_comparison(run, repeats: int) -> dict[str, float]:
+    """``run`` (step times of one bare run) with denormal floats computed, as x86 does by default, and flushed to zero,
+    as ``TrainingRun`` sets on a CPU; alternating, ``repeats`` rounds, medians of all timed steps."""
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for _ in range(repeats):
+        for flush in (False, True):
+            torch.set_flush_denormal(flush)
+            times[flush] += run()
+    torch.set_flush_denormal(True)
+    kept, flushed = statistics.median(times[False]), statistics.median(times[True])
+    print(f"bare AE stage-1 loop: {kept * 1e3:.1f} ms/step with denormals, {flushed * 1e3:.1f} flushed: {kept / flushed:.2f}x")
+    return {"ms_per_step_denormals": round(kept * 1e3, 2), "ms_per_step_flushed": round(flushed * 1e3, 2), "speedup": round(kept / flushed, 3)}
+
+
 # -- main ------------------------------------------------------------------------------------------------------------
 
 
@@ -317,6 +333,10 @@ def main() -> None:
         if dev == "cpu" and (os.cpu_count() or 1) > 1:  # the bare AR loop (15 steps) at 1 thread and at all cores
             print()
             threads = thread_comparison(lambda: ar_bare(p, work / "ae", ar_data, 15, 0), args.repeats, "bare AR loop, 15 steps")
+        denormals: dict[str, float] = {}
+        if dev == "cpu":  # the library's CPU runs flush denormals (TrainingRun); what that is worth, on the bare AE loop
+            print()
+            denormals = denormal_comparison(lambda: ae_bare(pe, ae_images, args.ae_steps, args.skip, dev), args.repeats)
         profiles = {}
         if args.profile:
             profiles["AR"] = ar_library(p, work / "ae", work / "cache", args.ar_steps, args.skip, work, profile=True)[1]
@@ -339,6 +359,7 @@ def main() -> None:
         "overhead_ratio": round(median["ar library"] / median["ar bare"], 3),
         "ae_overhead_ratio": round(median["ae library"] / median["ae bare"], 3),
         "thread_comparison": threads,
+        "denormal_comparison": denormals,
         "ratios_per_round": [{k: round(v, 3) for k, v in r.items()} for r in rounds],
     }
     print(f"\noverhead_ratio (AR library / bare): {result['overhead_ratio']}\nae_overhead_ratio (AE stage 1 library / bare): {result['ae_overhead_ratio']}")

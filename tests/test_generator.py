@@ -156,3 +156,20 @@ def test_generator_saves_and_reloads(tmp_path):
     config = GenerationConfig(tokens_per_step=4, num_sampling_steps=2, seed=0)
     torch.testing.assert_close(loaded.generate(PROMPTS, (4, 4), config), gen.generate(PROMPTS, (4, 4), config))
     assert loaded.sampler.options.train_group_sizes == [1, 4]
+
+
+def test_prompt_ids_are_tokenised_once_and_stay_the_same(monkeypatch):
+    backbone = tiny_generator().backbone
+    expected = [backbone.token_ids(p) for p in PROMPTS]
+    calls = []
+    original = type(backbone).token_ids
+    monkeypatch.setattr(type(backbone), "token_ids", lambda self, p, m=None: calls.append(p) or original(self, p, m))
+    first = backbone.embed_prompts(PROMPTS * 3)
+    second = backbone.embed_prompts(list(reversed(PROMPTS)))
+    assert sorted(calls) == sorted(PROMPTS)  # each distinct prompt once, whatever the batch
+    for row, ids in enumerate(expected):
+        assert first[1][row].sum() == len(ids)
+    torch.testing.assert_close(second[0][1, -len(expected[0]) :], first[0][0, -len(expected[0]) :])
+    monkeypatch.setattr(type(backbone), "PROMPT_CACHE_SIZE", 1)
+    backbone.embed_prompts(["a green triangle", "a blue square"])  # full: the cache starts again, bounded
+    assert len(backbone._prompt_ids) == 1

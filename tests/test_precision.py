@@ -53,3 +53,17 @@ def test_cli_generate_dtype(model_folder, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["generate", "--model", str(model_folder), "--prompt", "a", "--out", str(out), "--dtype", "bf16"])
     assert "invalid choice: 'bf16'" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the flush is set where training runs on the CPU")
+def test_a_cpu_training_run_flushes_denormal_floats(tmp_path):
+    from vgt_core.training.run import TrainingRun
+
+    denormal = torch.tensor([1e-39])  # below float32's smallest normal, 1.18e-38
+    torch.set_flush_denormal(False)
+    try:
+        assert (denormal * 1.0).item() != 0.0  # computed: x86's slow path
+        TrainingRun(tmp_path / "run", precision="no", resume=False, progress=False, preset={}).finish()
+        assert (denormal * 1.0).item() == 0.0  # flushed, as GPUs do: the AE's SiLU gradients no longer stall a step
+    finally:
+        torch.set_flush_denormal(True)

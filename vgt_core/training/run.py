@@ -133,6 +133,11 @@ class TrainingRun:
                 self._truncate_log(0)  # a run killed before its first checkpoint: its log lines are not this run's
         acc.init_trackers("tb")
         self.device = acc.device
+        if self.device.type == "cpu":
+            # SiLU's gradient for very negative inputs is a denormal float, and x86 cores take a slow path for each
+            # one: a shapes-demo VGT-AE step ran 2.4x slower (docs/benchmarks.md). GPUs flush them already; this is
+            # the same for the CPU (process-wide FTZ/DAZ; it changes values below 1.2e-38 only).
+            torch.set_flush_denormal(True)
         self.show_progress = progress and acc.is_main_process
         self.bar: tqdm | None = None
         self.skipped = 0  # unreadable images met so far by all processes, across resumes (kept in the checkpoints)
