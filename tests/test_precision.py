@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from PIL import Image
@@ -55,6 +59,36 @@ def test_cli_generate_dtype(model_folder, tmp_path, capsys):
     assert "invalid choice: 'bf16'" in capsys.readouterr().err
 
 
+PROBE = """
+import sys, torch
+import vgt_core.cli as cli
+torch.set_num_threads(2)
+
+
+def probe(args=None):  # a multiply of denormals, split across the intra-op threads: how many stayed non-zero
+    print(int(((torch.full((1 << 22,), 1e-39) * 1.0) != 0).sum()))
+
+
+if sys.argv[1] == "cli":
+    cli.COMMANDS["generate"] = probe
+    cli.main(["generate", "--model", "m", "--prompt", "p", "--out", "o.png"])
+else:
+    probe()
+"""
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs two cores for torch's worker thread")
+def test_the_cli_flushes_denormal_floats_in_every_thread_before_a_command_runs(tmp_path):
+    def run(mode: str) -> int:
+        done = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return int(done.stdout.split()[-1])
+
+    assert run("plain") == 1 << 22  # torch's default: computed, on x86's slow path
+    # Flushed in the worker thread too: the flag is per thread, and torch's threads copy it when they start.
+    assert run("cli") == 0
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the flush is set where training runs on the CPU")
 def test_a_cpu_training_run_flushes_denormal_floats(tmp_path):
     from vgt_core.training.run import TrainingRun
@@ -64,6 +98,6 @@ def test_a_cpu_training_run_flushes_denormal_floats(tmp_path):
     try:
         assert (denormal * 1.0).item() != 0.0  # computed: x86's slow path
         TrainingRun(tmp_path / "run", precision="no", resume=False, progress=False, preset={}).finish()
-        assert (denormal * 1.0).item() == 0.0  # flushed, as GPUs do: the AE's SiLU gradients no longer stall a step
+        assert (denormal * 1.0).item() == 0.0  # flushed, as GPUs do (this thread; the CLI flushes before torch's threads start)
     finally:
         torch.set_flush_denormal(True)

@@ -597,6 +597,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "quiet", False):
         _silence_library_progress_bars(args.command)
+    if args.command not in MODEL_FREE_COMMANDS:  # before torch starts its threads, which copy the flag
+        from vgt_core.training.run import flush_denormals
+
+        flush_denormals()
     try:
         return COMMANDS[args.command](args) or 0
     except _user_errors() as exc:

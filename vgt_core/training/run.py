@@ -45,6 +45,17 @@ def mixed_precision(setting: str) -> str:
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
+def flush_denormals() -> None:
+    """Read and write denormal floats (below 1.2e-38) as zero on the CPU, as GPUs do.
+
+    SiLU's gradient for very negative inputs is denormal, and x86 cores take a slow path on each one: a shapes-demo
+    VGT-AE step ran 2.4x slower (docs/benchmarks.md). The flag (FTZ/DAZ) belongs to a thread, and the intra-op
+    threads copy it when torch starts them, at its first parallel op: so the CLI calls this before any command
+    runs, and ``TrainingRun`` again, which covers a Python caller's main thread (the worker threads only if no
+    parallel op has run yet; call this first to be sure)."""
+    torch.set_flush_denormal(True)
+
+
 def cosine_with_warmup(optimizer: torch.optim.Optimizer, warmup: int, total: int, floor: float) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up, then cosine decay to ``floor`` x the base LR of each parameter group."""
 
@@ -134,10 +145,7 @@ class TrainingRun:
         acc.init_trackers("tb")
         self.device = acc.device
         if self.device.type == "cpu":
-            # SiLU's gradient for very negative inputs is a denormal float, and x86 cores take a slow path for each
-            # one: a shapes-demo VGT-AE step ran 2.4x slower (docs/benchmarks.md). GPUs flush them already; this is
-            # the same for the CPU (process-wide FTZ/DAZ; it changes values below 1.2e-38 only).
-            torch.set_flush_denormal(True)
+            flush_denormals()
         self.show_progress = progress and acc.is_main_process
         self.bar: tqdm | None = None
         self.skipped = 0  # unreadable images met so far by all processes, across resumes (kept in the checkpoints)
