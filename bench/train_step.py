@@ -240,7 +240,8 @@ def ae_bare(p, images: torch.Tensor, steps: int, skip: int, device: str = "cpu")
 
 def denormal_comparison(run, repeats: int) -> dict[str, float]:
     """``run`` (step times of one bare run) with denormal floats computed, as x86 does by default, and flushed to zero,
-    as ``TrainingRun`` sets on a CPU; alternating, ``repeats`` rounds, medians of all timed steps."""
+    as ``TrainingRun`` sets on a CPU; alternating, ``repeats`` rounds, medians of all timed steps. The flag belongs to
+    a thread: exact at the default ``--threads 1``; with more, torch's worker threads keep what they started with."""
     times: dict[bool, list[float]] = {False: [], True: []}
     for _ in range(repeats):
         for flush in (False, True):
