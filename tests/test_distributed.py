@@ -4,6 +4,7 @@ does) share each global batch, train what one process trains on it, and resume e
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -35,13 +36,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(processes: int, *args: str) -> subprocess.Popen:
-    """``vgt ARGS`` on ``processes`` CPU processes (torchrun sets the rank variables accelerate reads)."""
+def launch(processes: int, *args: str, own_group: bool = False) -> subprocess.Popen:
+    """``vgt ARGS`` on ``processes`` CPU processes (torchrun sets the rank variables accelerate reads);
+    ``own_group``: in a process group of its own, so that a kill can take torchrun and its workers at once."""
     runner = [sys.executable, "-m", "vgt_core.cli"]
     if processes > 1:
         runner = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
                   "--master_port", str(free_port()), "-m", "vgt_core.cli"]  # fmt: skip
-    return subprocess.Popen([*runner, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.Popen([*runner, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=own_group)
 
 
 def finish(process: subprocess.Popen) -> None:
@@ -119,12 +121,14 @@ def test_two_processes_train_what_one_trains_on_the_same_global_batch(ae_runs):
 
 def test_a_killed_two_process_run_resumes_to_the_uninterrupted_weights(ae_runs, data, tmp_path):
     args = [*AE, "--data", str(data), "--steps", "8", "--set", "train_ae.stage1.checkpoint_every=4", "--out", str(tmp_path / "killed")]
-    killed = launch(2, "train-ae", *args)
+    killed = launch(2, "train-ae", *args, own_group=True)
     deadline = time.time() + 600
     while not (tmp_path / "killed" / "checkpoints" / "step-00000004").exists():
         assert killed.poll() is None and time.time() < deadline, "run ended before it could be killed"
         time.sleep(0.05)
-    killed.send_signal(signal.SIGKILL)  # torchrun, then its workers when their group dies
+    # torchrun and both workers at once: killed alone, torchrun left workers that (since CPU steps got faster)
+    # could finish the last four steps before they noticed
+    os.killpg(killed.pid, signal.SIGKILL)
     killed.wait()
     time.sleep(1)
     assert not (tmp_path / "killed" / "model").exists()

@@ -93,8 +93,8 @@ def test_the_cli_flushes_denormal_floats_in_every_thread_before_a_command_runs(t
 def test_a_cpu_training_run_flushes_denormal_floats(tmp_path):
     from vgt_core.training.run import TrainingRun
 
-    denormal = torch.tensor([1e-39])  # below float32's smallest normal, 1.18e-38
     torch.set_flush_denormal(False)
+    denormal = torch.tensor([1e-39])  # below float32's smallest normal, 1.18e-38 (made while not flushed)
     try:
         assert (denormal * 1.0).item() != 0.0  # computed: x86's slow path
         TrainingRun(tmp_path / "run", precision="no", resume=False, progress=False, preset={}).finish()
