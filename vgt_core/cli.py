@@ -597,10 +597,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "quiet", False):
         _silence_library_progress_bars(args.command)
-    if args.command not in MODEL_FREE_COMMANDS:  # before torch starts its threads, which copy the flag
-        from vgt_core.training.run import flush_denormals
+    if args.command not in MODEL_FREE_COMMANDS:
+        import torch  # not vgt_core.training.run's flush_denormals (the why): importing accelerate costs ~1.5 s
 
-        flush_denormals()
+        torch.set_flush_denormal(True)  # before torch starts its threads, which copy the flag
     try:
         return COMMANDS[args.command](args) or 0
     except _user_errors() as exc:

@@ -50,8 +50,8 @@ def flush_denormals() -> None:
 
     SiLU's gradient for very negative inputs is denormal, and x86 cores take a slow path on each one: a shapes-demo
     VGT-AE step ran 2.4x slower (docs/benchmarks.md). The flag (FTZ/DAZ) belongs to a thread, and the intra-op
-    threads copy it when torch starts them, at its first parallel op: so the CLI calls this before any command
-    runs, and ``TrainingRun`` again, which covers a Python caller's main thread (the worker threads only if no
+    threads copy it when torch starts them, at its first parallel op: so the CLI sets it before any command
+    runs, and ``TrainingRun`` calls this again, which covers a Python caller's main thread (the worker threads only if no
     parallel op has run yet; call this first to be sure)."""
     torch.set_flush_denormal(True)
 
