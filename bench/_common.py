@@ -133,10 +133,17 @@ def preset(name: str, overrides: dict[str, Any] | None = None):
 
 
 def tiny_generator(preset_name: str, grid: int, device: str):
-    """The preset's generator (random weights) with a position grid of at least ``grid`` x ``grid``, in eval mode."""
+    """The preset's generator (random weights) with a position grid of at least ``grid`` x ``grid``, in eval mode.
+    A language model built from a config gets positions for the grid too: QueryAR's sequence holds 2 slots per
+    token and the prompt (a 16 x 16 grid needs over 512, the tiny presets' ``max_position_embeddings``)."""
     from vgt_core.generator import VGTGenerator
 
-    p = preset(preset_name, {"generator.max_grid": grid})
+    overrides: dict[str, Any] = {"generator.max_grid": grid}
+    text = (preset(preset_name).backbone.options.get("config") or {}).get("text_config") or {}
+    needed = 2 * grid * grid + 64  # the image, its start token and room for a prompt
+    if text.get("max_position_embeddings", needed) < needed:
+        overrides["backbone.options.config.text_config.max_position_embeddings"] = needed
+    p = preset(preset_name, overrides)
     gen = VGTGenerator.from_specs(p.backbone.model_dump(), p.sampler.model_dump(), options=p.generator)
     return gen.to(device).eval(), p
 
