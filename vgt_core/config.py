@@ -184,6 +184,11 @@ class ARTraining(Strict):
     gradient_accumulation_steps: int = Field(1, ge=1, description="micro-batches per optimizer step; batch_size stays the global batch")
     gradient_checkpointing: bool = False
     mixed_precision: Precision = "auto"
+    compile: bool = Field(
+        False,
+        description="torch.compile the language model and the flow head (VGTGenerator.compile): the first steps "
+        "compile, later ones run fused kernels (docs/benchmarks.md#torchcompile-benchcompilepy)",
+    )
     streaming: bool = Field(
         False,
         description="read tar shards as a stream (webdataset): each process its own shards, no up-front index; "

@@ -97,6 +97,13 @@ class FlowHead(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         return self.forward_features(x, t, cond)[0]
 
+    def compile(self, **kwargs) -> None:
+        """``torch.compile`` the head's per-token computation, ``forward_embedded``: training's loss and every
+        solver step of generation run it, and neither goes through ``__call__``, the only thing
+        ``nn.Module.compile`` compiles. ``kwargs`` go to ``torch.compile``; the weights and their names are
+        unchanged."""
+        self.forward_embedded = torch.compile(self.forward_embedded, **kwargs)
+
     def forward_features(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The velocity and, with a REPA projector, the projected features of block ``repa_depth`` (else None)."""
         return self.forward_embedded(x, t, self.cond_embed(cond))

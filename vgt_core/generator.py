@@ -202,6 +202,20 @@ class VGTGenerator(nn.Module):
         )
         return self.renormalize(x.reshape(-1, m, self.latent_channels))
 
+    def compile(self, **kwargs) -> None:
+        """``torch.compile`` what runs per training step and per generation step: the language model (its
+        ``__call__``) and the flow head's per-token computation (``FlowHead.compile``). The rest stays eager on
+        purpose: prompt tokenisation, the random orders and per-image draws, and the sampler's Python loop over LM
+        passes and solver steps. ``kwargs`` go to ``torch.compile`` (e.g. ``mode="max-autotune"``); ``dynamic``
+        defaults to True because generation's shapes change by design (the KV cache grows every pass, m varies,
+        CFG doubles the rows): specialised, the language model recompiled on each new cache length until dynamo's
+        recompile limit (8) left it eager, measured on bench/compile.py's settings. The first calls compile (tens of
+        seconds on a CPU); weights, state-dict names and results (to float rounding) are unchanged. Measured:
+        docs/benchmarks.md#torchcompile-benchcompilepy."""
+        kwargs.setdefault("dynamic", True)
+        self.backbone.compile(**kwargs)
+        self.head.compile(**kwargs)
+
     # -- training and generation ---------------------------------------------------------------------------------
 
     def training_shift(self, grid: tuple[int, int]) -> float:

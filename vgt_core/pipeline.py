@@ -121,6 +121,12 @@ class VGTPipeline:
                 model.write_into(tmp / name, state=state)
             (tmp / "generation.json").write_text(self.defaults.model_dump_json(indent=2))
 
+    def compile(self, **kwargs) -> VGTPipeline:
+        """``torch.compile`` the generator's per-step work (``VGTGenerator.compile``: the language model and the flow
+        head); the decoder runs once per batch and stays eager. The first batch pays the compilation."""
+        self.generator.compile(**kwargs)
+        return self
+
     def to(self, device: str | torch.device) -> VGTPipeline:
         self.autoencoder.to(device)
         self.generator.to(device)

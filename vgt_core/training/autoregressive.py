@@ -89,6 +89,8 @@ def train_generator(
     acc = run.accelerator
     gen, optimizer = acc.prepare(gen, optimizer)
     raw = acc.unwrap_model(gen)
+    if cfg.compile:
+        raw.compile()  # its parts, inside any data-parallel wrapper: the wrapper's hooks stay eager
     ae.to(acc.device)
     if teacher is not None:
         teacher.to(acc.device)  # frozen, outside prepare: no gradients, no sync, not in checkpoints
