@@ -113,7 +113,7 @@ def cmd_train_ae(args: argparse.Namespace) -> None:
     out = train_autoencoder(
         _preset(args), args.out, stage=args.stage, data=args.data, steps=args.steps, init=args.init, resume=args.resume, progress=not args.quiet
     )
-    print(f"VGT-AE stage {args.stage} saved to {out}")
+    _print_once(f"VGT-AE stage {args.stage} saved to {out}")
 
 
 @command("eval-recon")
@@ -191,7 +191,15 @@ def cmd_train_ar(args: argparse.Namespace) -> None:
     from vgt_core.training.autoregressive import train_generator
 
     out = train_generator(_preset(args), args.autoencoder, args.out, data=args.data, steps=args.steps, resume=args.resume, progress=not args.quiet)
-    print(f"VGT model saved to {out}")
+    _print_once(f"VGT model saved to {out}")
+
+
+def _print_once(text: str) -> None:
+    """Print on the main process only: under `accelerate launch` every rank returns from training."""
+    from vgt_core.latents import process_state
+
+    if process_state().is_main_process:
+        print(text)
 
 
 @command("generate")
