@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -61,6 +62,13 @@ def test_generate_writes_reproducible_pngs_from_a_train_ar_model(trained, tmp_pa
     vgt(*one, "--compile", "--out", str(tmp_path / "compiled.png"))  # inductor: the same image, to rounding
     same = torch.tensor(np.asarray(Image.open(tmp_path / "compiled.png"))).int() - torch.tensor(np.asarray(image)).int()
     assert same.abs().max() <= 1
+
+    no_compiler = {**os.environ, "CXX": str(tmp_path / "no-such-g++"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    failed = subprocess.run([sys.executable, "-m", "vgt_core.cli", *one, "--compile", "--out", str(tmp_path / "c.png")],
+                            capture_output=True, text=True, timeout=600, env=no_compiler)  # fmt: skip
+    assert failed.returncode == 2 and "Traceback" not in failed.stderr, failed.stderr[-2000:]
+    assert "torch.compile could not build its kernels here (InvalidCxxCompiler" in failed.stderr
+    assert "run without --compile" in failed.stderr and not (tmp_path / "c.png").exists()
 
     vgt(*one[:-3], "--seed", "1", "--out", str(tmp_path / "other.png"), "--quiet")
     assert (tmp_path / "other.png").read_bytes() != (tmp_path / "x.png").read_bytes()

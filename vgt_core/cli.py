@@ -626,6 +626,20 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"vgt {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        if debug or args.debug or not _compile_failed(exc):
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"vgt {args.command}: error: torch.compile could not build its kernels here ({first}); run without "
+              "--compile / train_ar.compile, or with --debug for the traceback", file=sys.stderr)
+        return 2
+
+
+def _compile_failed(exc: BaseException) -> bool:
+    """Whether ``exc`` is torch.compile's backend failing to build (no C++ compiler, no Triton, ...): a property of the
+    machine that --compile / train_ar.compile asked for, not a bug of the model."""
+    dynamo = sys.modules.get("torch._dynamo.exc")
+    return dynamo is not None and isinstance(exc, dynamo.BackendCompilerFailed)
 
 
 def _one_line(exc: BaseException) -> str:
