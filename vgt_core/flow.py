@@ -101,8 +101,8 @@ class FlowHead(nn.Module):
         """``torch.compile`` the head's per-token computation, ``forward_embedded``: training's loss and every
         solver step of generation run it, and neither goes through ``__call__``, the only thing
         ``nn.Module.compile`` compiles. ``kwargs`` go to ``torch.compile``; the weights and their names are
-        unchanged."""
-        self.forward_embedded = torch.compile(self.forward_embedded, **kwargs)
+        unchanged. Compiling again replaces the compiled function (it always wraps the class's own)."""
+        self.forward_embedded = torch.compile(type(self).forward_embedded.__get__(self), **kwargs)
 
     def forward_features(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The velocity and, with a REPA projector, the projected features of block ``repa_depth`` (else None)."""
