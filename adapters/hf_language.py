@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from transformers import AutoModel, AutoTokenizer, DynamicCache, PretrainedConfig, PreTrainedModel
+from transformers import AutoModel, AutoTokenizer, DynamicCache, PretrainedConfig, PreTrainedModel, StaticCache
 
 from vgt_adapters.options import LanguageOptions, PretrainedOptions  # noqa: F401 -- re-exported
 from vgt_adapters.hf_common import (
@@ -194,8 +194,11 @@ class HFLanguageBackbone(nn.Module):
         )
         return out.last_hidden_state, next((out[key] for key in ("cache", "past_key_values") if key in out.keys()), None)
 
-    def new_cache(self) -> DynamicCache:
-        return DynamicCache(config=self.lm.config)
+    def new_cache(self, max_length: int | None = None) -> DynamicCache | StaticCache:
+        """transformers' ``DynamicCache``, or with ``max_length`` its ``StaticCache`` of that many positions."""
+        if max_length is None:
+            return DynamicCache(config=self.lm.config)
+        return StaticCache(config=self.lm.config, max_cache_len=max_length)
 
     def export(self, folder: Path) -> dict:
         """The tokenizer and the VLM config without its vision tower, so a reload never builds it."""

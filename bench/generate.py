@@ -8,7 +8,8 @@ without the KV cache (``GenerationConfig.use_cache``), and MAR at the same m, wh
 LM passes (N / m steps). MAR at batch 16 runs m = 4 and 16 only (m = 1 there is minutes per call on 2 cores).
 Classifier-free guidance is on and the flow head takes the preset's steps, as ``vgt generate`` would.
 
-Ratios printed: cache speed-up (no-cache / cached) and parallel decoding (m = 1 / m, cached). On a CPU it also
+Ratios printed: cache speed-up (no-cache / cached) and parallel decoding (m = 1 / m, cached); at m = 1 also the
+static cache (preallocated, written in place) against the dynamic one (``static_vs_dynamic_cache``: > 1 is faster). On a CPU it also
 times one QueryAR call (64 tokens, batch 1, m = 1) at 1 thread against all cores, because the thread count can
 matter more than any setting here on a busy machine. Weights are random: speed does not depend on training.
 Time: one round is ~3 minutes on 2 quiet cores (batch 16 without the cache at m = 1 alone is ~1.5 minutes).
@@ -50,8 +51,8 @@ def main() -> None:
     if args.sampling_steps:
         base = base.model_copy(update={"num_sampling_steps": args.sampling_steps})
 
-    def call(gen, batch: int, m: int, cache: bool, size=grid):
-        config = base.model_copy(update={"tokens_per_step": m, "use_cache": cache})
+    def call(gen, batch: int, m: int, cache: bool, size=grid, static: bool = False):
+        config = base.model_copy(update={"tokens_per_step": m, "use_cache": cache, "cache_implementation": "static" if static else "dynamic"})
         return lambda: gen.generate([PROMPT] * batch, size, config)
 
     settings: dict[str, Any] = {}
@@ -59,6 +60,8 @@ def main() -> None:
         for m in ms:
             for cache in (True, False):
                 settings[f"queryar b{b} m{m} {'cache' if cache else 'no-cache'}"] = call(qar, b, m, cache)
+            if m == 1:  # the preallocated cache, written in place (generation.cache_implementation: static)
+                settings[f"queryar b{b} m{m} static-cache"] = call(qar, b, m, True, static=True)
             if mar is not None and (b == 1 or m > 1):
                 settings[f"mar b{b} m{m}"] = call(mar, b, m, True)
     # Warm-up on a 4x4 latent (same code paths, kernels and allocator), so no full-size call is wasted.
@@ -67,6 +70,7 @@ def main() -> None:
             for gen in (qar, mar) if mar is not None else (qar,):
                 for cache in (True, False):
                     call(gen, b, m, cache, (4, 4))()
+            call(qar, b, 1, True, (4, 4), static=True)()
     print(f"{args.preset} / {args.mar_preset or '-'}: {n} tokens, CFG {base.guidance_scale}, {base.num_sampling_steps} head steps, "
           f"batches {batches}, {args.repeats} rounds (median)")
     median = interleaved(settings, args.repeats, args.device, warmup=False)
@@ -102,11 +106,12 @@ def main() -> None:
         result[f"speedup_16_vs_1{suffix}"] = ratio(f"queryar b{b} m1 cache", f"queryar b{b} m16 cache")
         result[f"speedup_4_vs_1{suffix}"] = ratio(f"queryar b{b} m1 cache", f"queryar b{b} m4 cache")
         result[f"kv_cache_speedup_{n}{suffix}"] = ratio(f"queryar b{b} m1 no-cache", f"queryar b{b} m1 cache")
+        result[f"static_vs_dynamic_cache{suffix}"] = ratio(f"queryar b{b} m1 cache", f"queryar b{b} m1 static-cache")
         for m in ms:
             result[f"mar_vs_queryar_m{m}{suffix}"] = ratio(f"mar b{b} m{m}", f"queryar b{b} m{m} cache")
     if threads:
         result["thread_comparison"] = threads
-    print("\n" + "\n".join(f"{k}: {v}" for k, v in result.items() if k.startswith(("speedup", "kv_cache", "mar_vs")) and v is not None))
+    print("\n" + "\n".join(f"{k}: {v}" for k, v in result.items() if k.startswith(("speedup", "kv_cache", "mar_vs", "static")) and v is not None))
     write_json(args.json, result)
 
 

@@ -173,3 +173,40 @@ def test_prompt_ids_are_tokenised_once_and_stay_the_same(monkeypatch):
     monkeypatch.setattr(type(backbone), "PROMPT_CACHE_SIZE", 1)
     backbone.embed_prompts(["a green triangle", "a blue square"])  # full: the cache starts again, bounded
     assert len(backbone._prompt_ids) == 1
+
+
+@pytest.mark.parametrize("preset", ["tiny-internvl3", "tiny-qwen25vl"])
+@pytest.mark.parametrize("sampler, m, layout", [("queryar", 1, "vgt"), ("queryar", 4, "vgt"), ("queryar", 4, "upstream"), ("mar", 4, "vgt")])
+def test_the_static_kv_cache_generates_what_the_dynamic_one_does_writing_in_place(preset, sampler, m, layout):
+    """generation.cache_implementation static: transformers' StaticCache, sized for the prompt and every slot the
+    sampler feeds (a pass past its end would fail), gives the dynamic cache's latents, and its key tensor is the same
+    storage at every pass, where the dynamic cache copies the prefix into a new one."""
+    gen = randomize_head(tiny_generator(sampler, preset))
+    storages: dict[str, list[int]] = {"dynamic": [], "static": []}
+    forward = type(gen.backbone).forward
+
+    def watched(self, embeds, mask, ids, cache=None):
+        hidden, cache = forward(self, embeds, mask, ids, cache)
+        storages[kind].append(cache.layers[0].keys.data_ptr())
+        return hidden, cache
+
+    config = GenerationConfig(tokens_per_step=m, num_sampling_steps=2, guidance_scale=2.0, parallel_layout=layout, seed=5)
+    out = {}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(type(gen.backbone), "forward", watched)
+        for kind in ("dynamic", "static"):
+            out[kind] = gen.generate(PROMPTS, (4, 4), config.model_copy(update={"cache_implementation": kind}))
+    torch.testing.assert_close(out["static"], out["dynamic"], atol=1e-5, rtol=1e-5)
+    assert len(set(storages["static"])) == 1 and len(storages["static"]) > 2
+    if sampler == "queryar":
+        assert len(set(storages["dynamic"])) > len(storages["dynamic"]) // 2  # new, longer tensors (addresses may recur)
+
+
+def test_a_static_cache_needs_a_backbone_that_preallocates():
+    gen = tiny_generator()
+    plain = type(gen.backbone).new_cache
+    gen.backbone.new_cache = lambda: plain(gen.backbone)  # a third party's new_cache(self), without max_length
+    config = GenerationConfig(tokens_per_step=16, num_sampling_steps=1, cache_implementation="static", seed=0)
+    with pytest.raises(ValueError, match="cache_implementation 'static'.*allowed for this backbone: 'dynamic'"):
+        gen.generate(PROMPTS, (4, 4), config)
+    assert gen.generate(PROMPTS, (4, 4), config.model_copy(update={"cache_implementation": "dynamic"})).shape == (2, 32, 4, 4)

@@ -397,7 +397,9 @@ def _seed(text: str) -> int:
     return value
 
 
-GENERATION_FLAGS = ("tokens_per_step", "guidance_scale", "guidance_schedule", "num_sampling_steps", "solver", "temperature", "order")
+GENERATION_FLAGS = (
+    "tokens_per_step", "guidance_scale", "guidance_schedule", "num_sampling_steps", "solver", "temperature", "order", "cache_implementation",
+)  # fmt: skip
 
 
 def generation_args(p: argparse.ArgumentParser) -> None:
@@ -409,6 +411,7 @@ def generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--solver", choices=["euler", "sde"])
     p.add_argument("--temperature", type=float)
     p.add_argument("--order", choices=["random", "raster"])
+    p.add_argument("--cache-implementation", choices=["dynamic", "static"], help="the KV cache: grown each pass, or preallocated and written in place")
     p.add_argument(
         "--dtype",
         choices=["float32", "bfloat16", "float16"],

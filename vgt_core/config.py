@@ -285,6 +285,12 @@ class GenerationConfig(Strict):
         None, ge=0, lt=2**64, description="image i of a call uses seed + i: the same image alone or in any batch"
     )
     use_cache: bool = True
+    cache_implementation: Literal["dynamic", "static"] = Field(
+        "dynamic",
+        description="the KV cache: dynamic grows it each pass (transformers' DynamicCache: the prefix is copied into "
+        "a longer tensor every pass); static allocates the whole sequence once and writes each pass in place "
+        "(StaticCache: no copy, fixed shapes for torch.compile); the same latents",
+    )
 
 
 class Preset(Strict):

@@ -99,7 +99,9 @@ class ARBackbone(Protocol):
         0/1 (causal attention is implied) or an additive ``(B, 1, L, past + L)`` float mask."""
 
     def new_cache(self) -> Any:
-        """An empty KV cache for generation (with a ``crop(n)`` method, as transformers' ``DynamicCache``)."""
+        """An empty KV cache for generation (with a ``crop(n)`` method, as transformers' ``DynamicCache``). A backbone
+        that can preallocate also takes ``new_cache(max_length=L)``: a cache for ``L`` positions written in place
+        (``generation.cache_implementation: static``); the others are used with the dynamic cache only."""
 
 
 @runtime_checkable

@@ -14,7 +14,7 @@ authors; the generator's other members are not.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -65,6 +65,20 @@ class SamplerContext:
     """``sample_tokens(hidden, prompts, config, scale, rng)``: the flow head solved for every LM state in ``hidden``
     ``(R, m, D)`` (CFG rows [cond, uncond] combined with ``scale``) -> renormalised latents ``(B, m, C)``, each
     image's noise from its own generator in ``rng``."""
+
+
+def new_cache(backbone: Any, config: GenerationConfig, length: int) -> Any:
+    """The KV cache ``config.cache_implementation`` asks for: the backbone's growing cache, or one preallocated for
+    ``length`` positions (the prompt and every slot the sampler will feed), which the backbone must support."""
+    if config.cache_implementation == "dynamic":
+        return backbone.new_cache()
+    try:
+        return backbone.new_cache(max_length=length)
+    except TypeError as exc:
+        raise ValueError(
+            f"generation.cache_implementation 'static': {type(backbone).__name__}.new_cache takes no max_length, so it "
+            f"cannot preallocate ({exc}); allowed for this backbone: 'dynamic'"
+        ) from None
 
 
 def center_crop(grid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

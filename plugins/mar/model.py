@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from vgt_core.config import GenerationConfig
-from vgt_core.sampling import PromptBatch, SamplerContext, decoding_orders, guidance_at, position_ids_from
+from vgt_core.sampling import PromptBatch, SamplerContext, decoding_orders, guidance_at, new_cache, position_ids_from
 from vgt_core.randomness import Draws, GlobalDraws, SampleDraws
 from vgt_plugins.mar import MAROptions
 
@@ -95,7 +95,7 @@ class MAR(nn.Module):
 
         backbone = ctx.backbone
         t = prompts.embeds.shape[1]
-        cache = backbone.new_cache()
+        cache = new_cache(backbone, config, t + n)  # the prompt's keys, and one step's image keys at a time
         backbone(prompts.embeds, prompts.mask, position_ids_from(prompts.mask), cache)  # the prompt, once
         image_positions = prompts.mask.sum(-1, keepdim=True) + torch.arange(n, device=device)
         attention = image_attention_mask(prompts.mask, n, prompts.embeds.dtype)

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from vgt_core.config import GenerationConfig
-from vgt_core.sampling import PromptBatch, SamplerContext, center_crop, decoding_orders, guidance_at, position_ids_from
+from vgt_core.sampling import PromptBatch, SamplerContext, center_crop, decoding_orders, guidance_at, new_cache, position_ids_from
 from vgt_core.randomness import Draws, GlobalDraws, SampleDraws
 from vgt_plugins.queryar import QueryAROptions
 
@@ -145,12 +145,14 @@ class QueryAR(nn.Module):
         backbone = ctx.backbone
 
         out = torch.zeros(b, n, ctx.latent_channels, device=device, dtype=positions.dtype)
-        cache = backbone.new_cache() if config.use_cache else None
         mask, sequence = prompts.mask, prompts.embeds
         ids = position_ids_from(mask)
         sizes = step_sizes(n, config.tokens_per_step, config.step_split)
         # upstream's layout at m > 1 feeds the last step's queries again, each followed by its latent
         interleave = config.parallel_layout == "upstream" and max(sizes) > 1
+        # every slot fed: each step's queries, and the previous step's latents (with its queries again, upstream's)
+        slots = n + (1 + interleave) * (n - sizes[-1])
+        cache = new_cache(backbone, config, prompts.embeds.shape[1] + slots) if config.use_cache else None
         pending: torch.Tensor | None = None  # the slots of the last step, not yet fed to the LM
         pending_idx = order_rows[:, :0]
         done = fed = 0  # tokens drawn; image slots given to the LM
