@@ -90,3 +90,22 @@ def test_fsdp_two_step_run_saves_and_resumes(tmp_path):
     state = load_file(str(tmp_path / "ar" / "model" / "generator" / "model.safetensors"))
     assert state and all(torch.isfinite(v.float()).all() for v in state.values())
     assert (tmp_path / "ar" / "checkpoints" / "step-00000004").exists()
+
+
+def test_per_sample_draws_reach_the_gpu_without_a_host_sync_and_unchanged():
+    """SampleDraws copies to the GPU from pinned memory, asynchronously: the values are the CPU draws, and a draw
+    made while the GPU is busy returns before that work is done."""
+    from vgt_core.randomness import SampleDraws
+
+    def draws():
+        return SampleDraws.for_batch(0, "test", 1, range(4))
+
+    owner = torch.arange(4).repeat_interleave(3)
+    expected = draws().randn(owner, 8)
+    busy = torch.randn(4096, 4096, device="cuda")
+    torch.cuda.synchronize()
+    for _ in range(20):
+        busy = busy @ busy / 64  # queued work the draw must not wait for
+    on_gpu = draws().randn(owner, 8, device="cuda")
+    assert not torch.cuda.current_stream().query()  # the queued matmuls are still running: no sync happened
+    assert torch.equal(on_gpu.cpu(), expected)

@@ -87,6 +87,10 @@ class SampleDraws(Draws):
         order = torch.sort(owner, stable=True).indices  # each sample's rows in row order, samples in turn
         out = torch.empty_like(drawn)
         out[order] = drawn
+        if torch.device(device).type == "cuda":
+            # from pinned memory the copy is queued behind the GPU's work; from pageable memory it would wait for that
+            # work to finish, a host-device sync at every draw of training steps and generation passes
+            return out.pin_memory().to(device, non_blocking=True)
         return out.to(device)
 
     def rand(self, owner, *shape, device="cpu", dtype=torch.float32):
