@@ -13,6 +13,7 @@ authors; the generator's other members are not.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -72,13 +73,12 @@ def new_cache(backbone: Any, config: GenerationConfig, length: int) -> Any:
     ``length`` positions (the prompt and every slot the sampler will feed), which the backbone must support."""
     if config.cache_implementation == "dynamic":
         return backbone.new_cache()
-    try:
-        return backbone.new_cache(max_length=length)
-    except TypeError as exc:
-        raise ValueError(
+    if "max_length" not in inspect.signature(backbone.new_cache).parameters:  # not a caught TypeError: that would also
+        raise ValueError(  # hide a TypeError raised inside a backbone that does preallocate
             f"generation.cache_implementation 'static': {type(backbone).__name__}.new_cache takes no max_length, so it "
-            f"cannot preallocate ({exc}); allowed for this backbone: 'dynamic'"
-        ) from None
+            "cannot preallocate; allowed for this backbone: 'dynamic'"
+        )
+    return backbone.new_cache(max_length=length)
 
 
 def center_crop(grid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
