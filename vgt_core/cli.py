@@ -206,7 +206,6 @@ def _print_once(text: str) -> None:
 def cmd_generate(args: argparse.Namespace) -> None:
     import torch
 
-    from vgt_core.pipeline import VGTPipeline
     from vgt_core.serialization import atomic_folder, check_output
 
     out = Path(args.out)
@@ -214,9 +213,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if not one_file:
         check_output(out, IMAGES_KIND, "replace")  # before the model loads; checked again when written
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    pipe = VGTPipeline.from_pretrained(args.model, device=device, dtype=args.dtype)
-    if args.compile:
-        pipe.compile()
+    pipe = _load_pipeline(args, device)
     settings = {key: getattr(args, key) for key in (*GENERATION_FLAGS, "seed") if getattr(args, key) is not None}
     from vgt_core.config import GenerationConfig, validate_model
 
@@ -253,16 +250,13 @@ def _bench(
     from vgt_core import benchmarks as B
     from vgt_core.config import GenerationConfig, validate_model
     from vgt_core.latents import process_state
-    from vgt_core.pipeline import VGTPipeline
     from vgt_core.serialization import check_output
 
     out = Path(args.out)
     check_output(out, kind, "reuse")  # before the model loads
     state = process_state()  # under `accelerate launch` each rank takes its share of this shard
     shard = shard.split(state.process_index, state.num_processes)
-    pipe = VGTPipeline.from_pretrained(args.model, device=state.device, dtype=args.dtype)
-    if args.compile:
-        pipe.compile()
+    pipe = _load_pipeline(args, state.device)
     flags = {key: getattr(args, key) for key in GENERATION_FLAGS if getattr(args, key) is not None}
     generation = validate_model(GenerationConfig, {**pipe.defaults.model_dump(), **flags, "seed": None}, "generation settings")
     settings = {
@@ -395,6 +389,15 @@ def _seed(text: str) -> int:
     if not 0 <= value < 2**64:
         raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**64), got {value}")
     return value
+
+
+def _load_pipeline(args: argparse.Namespace, device: Any) -> Any:
+    """The pipeline of ``--model`` on ``device`` in ``--dtype``, compiled with ``--compile`` (the flags of
+    ``generation_args``, which every generating command takes)."""
+    from vgt_core.pipeline import VGTPipeline
+
+    pipe = VGTPipeline.from_pretrained(args.model, device=device, dtype=args.dtype)
+    return pipe.compile() if args.compile else pipe
 
 
 GENERATION_FLAGS = (
