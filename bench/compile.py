@@ -112,7 +112,7 @@ def training(eager, compiled, preset, args) -> dict[str, float]:
             synchronize(args.device)
             stamps.append(time.perf_counter())
         gen.eval()
-        steps = [b - a for a, b in zip(stamps, stamps[1:])]
+        steps = [end - start for start, end in zip(stamps, stamps[1:])]  # not b, the batch size here
         return steps[args.skip :], sum(steps[: args.skip])
 
     times: dict[str, list[float]] = {"eager": [], "compiled": []}

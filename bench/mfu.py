@@ -24,7 +24,6 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -42,7 +41,7 @@ def peak_tflops(name: str) -> float | None:
     return next((tflops for key, tflops in PEAKS if key in name), None)
 
 
-def build(args) -> tuple[torch.nn.Module, Any]:
+def build(args) -> torch.nn.Module:
     from vgt_core.generator import VGTGenerator
 
     p = preset(args.preset, {"generator.max_grid": max(args.grid, 8)})
@@ -55,7 +54,7 @@ def build(args) -> tuple[torch.nn.Module, Any]:
         from vgt_core.checkpointing import enable_gradient_checkpointing
 
         enable_gradient_checkpointing(gen.backbone)
-    return gen.to(args.device).train(), p
+    return gen.to(args.device).train()
 
 
 def main() -> None:
@@ -71,7 +70,7 @@ def main() -> None:
     ap.add_argument("--peak-tflops", type=float, default=None, help="the card's dense bf16 peak (default: from the table)")
     args = ap.parse_args()
     info = setup(args)
-    gen, p = build(args)
+    gen = build(args)
     lm = sum(q.numel() for q in gen.backbone.parameters())
     head = sum(q.numel() for q in gen.parameters()) - lm
     cuda = args.device.startswith("cuda")
