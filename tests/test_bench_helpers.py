@@ -2,7 +2,9 @@
 
 bench/generate.py's default, a 256-token image on the tiny presets, failed from the day generation began to check
 the language model's positions (a 16 x 16 QueryAR sequence needs 514, the tiny presets have 512) until
-``tiny_generator`` gave the model the positions its grid needs."""
+``tiny_generator`` gave the model the positions its grid needs. ``bench/train_step.py --preset shapes-demo`` failed at
+once (the demo's backbone reads its tokenizer from the VLM the demo trains first) until the script gave it the
+world's tokenizer."""
 
 from __future__ import annotations
 
@@ -13,7 +15,8 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from _common import tiny_generator  # noqa: E402
+from _common import preset, tiny_generator  # noqa: E402
+from train_step import with_world_tokenizer  # noqa: E402
 
 
 @pytest.mark.parametrize("name", ["tiny-internvl3", "tiny-internvl3-mar"])
@@ -22,3 +25,16 @@ def test_bench_generators_make_the_256_token_image_the_scripts_time(name):
     gen, preset = tiny_generator(name, 16, "cpu")
     config = preset.generation.model_copy(update={"tokens_per_step": 16, "num_sampling_steps": 1, "seed": 0})
     assert gen.generate(["a photo of a red circle"], (16, 16), config).shape == (1, 32, 16, 16)
+
+
+def test_train_step_bench_builds_the_demo_generator_from_its_config(tmp_path):
+    from vgt_core.compose import build_autoencoder, build_generator
+
+    demo = preset("shapes-demo")
+    with pytest.raises(ValueError, match="no tokenizer"):
+        build_generator(demo, build_autoencoder(demo))
+    given = with_world_tokenizer(demo, tmp_path)
+    gen = build_generator(given, build_autoencoder(given))
+    ids = gen.backbone.tokenizer("a photo of a red circle")["input_ids"]
+    assert gen.backbone.tokenizer.unk_token_id not in ids  # the world's words, not a stand-in vocabulary
+    assert with_world_tokenizer(preset("tiny-internvl3"), tmp_path) == preset("tiny-internvl3")
