@@ -85,7 +85,7 @@ def offline(spec: dict) -> dict:
         options["config"] = deep_merge(PUBLISHED[source], options.get("config") or {})
         options["pretrained"] = None
         if spec["name"].endswith("-lm"):
-            options["tokenizer"] = None  # a byte-level stand-in: the tokenizer has no parameters
+            options["tokenizer"] = "byte-level"  # a stand-in for the hub's: a tokenizer has no parameters
     options["load_weights"] = False
     spec["options"] = options
     return spec

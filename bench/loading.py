@@ -43,7 +43,7 @@ FAMILIES = {
         "vision_config": {"depth": 8, "hidden_size": 640, "intermediate_size": 1728, "num_heads": 10,
                           "out_hidden_size": 1024, "patch_size": 14, "spatial_merge_size": 2,
                           "temporal_patch_size": 2, "window_size": 112, "fullatt_block_indexes": [3, 7]},
-        "text_config": {"hidden_size": 1024, "num_hidden_layers": 8, "num_attention_heads": 16,
+        "text_config": {"hidden_size": 1024, "num_hidden_layers": 8, "num_attention_heads": 8,
                         "num_key_value_heads": 2, "intermediate_size": 5504, "vocab_size": 151936,
                         "tie_word_embeddings": True,
                         "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]}},

@@ -1,4 +1,4 @@
-"""The bench scripts' shared helpers (bench/_common.py): the models they time can run what the scripts time.
+"""The bench scripts and their shared helpers (bench/_common.py): the models they time can run what the scripts time.
 
 bench/generate.py's default, a 256-token image on the tiny presets, failed from the day generation began to check
 the language model's positions (a 16 x 16 QueryAR sequence needs 514, the tiny presets have 512) until
@@ -38,3 +38,32 @@ def test_train_step_bench_builds_the_demo_generator_from_its_config(tmp_path):
     ids = gen.backbone.tokenizer("a photo of a red circle")["input_ids"]
     assert gen.backbone.tokenizer.unk_token_id not in ids  # the world's words, not a stand-in vocabulary
     assert with_world_tokenizer(preset("tiny-internvl3"), tmp_path) == preset("tiny-internvl3")
+
+
+def test_full_size_bench_builds_every_full_size_preset_offline():
+    """bench/full_size.py builds each hub preset from typed-in configs on the meta device (it failed once the
+    backbone stopped taking a missing tokenizer for the byte-level one)."""
+    from full_size import build_counts, full_size_presets
+
+    names = full_size_presets()
+    assert "internvl3-1b" in names
+    counts = build_counts("internvl3-1b", hub=False)
+    assert 490e6 < counts["lm"] < 500e6  # Qwen2-0.5B-class LM of InternVL3-1B without its output head (493.8 M)
+
+
+@pytest.mark.parametrize("family", ["internvl3", "qwen25vl"])
+def test_loading_bench_configs_make_working_backbones(family):
+    """bench/loading.py's scaled VLMs must run: its Qwen2.5-VL text config once had 64-wide heads under a rope section
+    for 128-wide ones, and vgt's contract probe (a forward) refused the backbone it times."""
+    import copy
+
+    from loading import FAMILIES, PLUGINS
+
+    from vgt_core.plugins import registry
+
+    config = copy.deepcopy(FAMILIES[family])
+    config["text_config"].update(num_hidden_layers=1, vocab_size=512)
+    if family == "internvl3":
+        config["text_config"]["max_position_embeddings"] = 512
+    backbone = registry().build("backbone", PLUGINS[family][1], {"config": config, "tokenizer": "byte-level"})
+    assert backbone.hidden_size == config["text_config"]["hidden_size"]
