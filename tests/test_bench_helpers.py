@@ -67,3 +67,20 @@ def test_loading_bench_configs_make_working_backbones(family):
         config["text_config"]["max_position_embeddings"] = 512
     backbone = registry().build("backbone", PLUGINS[family][1], {"config": config, "tokenizer": "byte-level"})
     assert backbone.hidden_size == config["text_config"]["hidden_size"]
+
+
+def test_generate_bench_runs_and_its_ratios_are_its_own_side_by_side_timings(tmp_path):
+    """bench/generate.py end to end at a 4 x 4 grid (seconds): the JSON keys issue #15 names, each ratio the quotient
+    of the medians the same run measured."""
+    import json
+    import subprocess
+
+    out = tmp_path / "generate.json"
+    script = Path(__file__).resolve().parents[1] / "bench" / "generate.py"
+    subprocess.run([sys.executable, str(script), "--grid", "4", "--batches", "1", "--repeats", "1", "--json", str(out)],
+                   check=True, capture_output=True, text=True)
+    data = json.loads(out.read_text())
+    s = data["seconds"]
+    assert data["tokens"] == 16 and all(v > 0 for v in s.values())
+    assert data["speedup_16_vs_1"] == pytest.approx(s["queryar b1 m1 cache"] / s["queryar b1 m16 cache"], rel=0.05)  # the JSON rounds seconds to 0.1 ms
+    assert data["kv_cache_speedup_16"] == pytest.approx(s["queryar b1 m1 no-cache"] / s["queryar b1 m1 cache"], rel=0.05)  # the JSON rounds seconds to 0.1 ms
