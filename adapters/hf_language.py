@@ -25,6 +25,7 @@ from vgt_adapters.hf_common import (
     torch_dtype,
 )
 from vgt_adapters.tokenizers import BYTE_LEVEL, BYTE_LEVEL_SIZE
+from vgt_core.errors import ConfigError
 
 
 class HFLanguageBackbone(nn.Module):
@@ -185,6 +186,8 @@ class HFLanguageBackbone(nn.Module):
         position_ids: torch.Tensor,
         cache: Any | None = None,
     ) -> tuple[torch.Tensor, Any | None]:
+        if "flash" in str(self.lm.config._attn_implementation):
+            check_flash_attention_inputs(attention_mask, position_ids)
         out = self.lm(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -205,6 +208,30 @@ class HFLanguageBackbone(nn.Module):
         self.tokenizer.save_pretrained(folder)
         drop = other_sub_configs(self.config, text_config_name(self.config))
         return export_config(self.config, folder, self.options, drop=drop, tokenizer=".")
+
+
+def check_flash_attention_inputs(attention_mask: torch.Tensor, position_ids: torch.Tensor) -> None:
+    """Refuse the inputs that transformers' flash-attention path would attend over differently from SDPA, silently.
+
+    Flash attention takes a padding mask only, so a sampler's 4-D mask (MAR's bidirectional image attention) cannot
+    reach it. And a batch of one row without padding goes to flash attention with no mask at all: transformers then
+    reads position ids that do not count up by one as several sequences packed into one row, and attends within each
+    run only (``_is_packed_sequence``). QueryAR's ``position_ids: grid`` gives such ids. SDPA computes both right.
+    """
+    if attention_mask.dim() != 2:
+        raise ConfigError(
+            f"attn_implementation flash_attention_2 takes a padding mask only, and this sampler passes a "
+            f"{attention_mask.dim()}-D attention mask (MAR's bidirectional image attention is one): set the backbone "
+            "option attn_implementation to sdpa"
+        )
+    if position_ids.dim() == 2 and position_ids.shape[0] == 1 and position_ids.shape[1] > 1 and bool(attention_mask.all()):
+        if not bool((position_ids.diff(dim=-1) == 1).all()):
+            raise ConfigError(
+                "attn_implementation flash_attention_2 with one row: transformers reads position ids that do not "
+                "count up by one (QueryAR's position_ids: grid gives such ids) as packed sequences and would attend "
+                "within each run only. Set the backbone option attn_implementation to sdpa, or the sampler option "
+                "position_ids to sequence"
+            )
 
 
 def _cache_keyword(lm: torch.nn.Module) -> str:
