@@ -12,7 +12,8 @@ What is compared, exactly:
   after the first ``--skip`` are the step times. Setup (model build, accelerate, loader) and the final checkpoint
   are outside them; a step's time includes everything the trainer does per step: the data loader (AR: the latent
   cache read from a folder; AE: images held in memory, transformed per item as any dataset is), per-sample random
-  draws (``SampleDraws``), prompt dropout, forward and loss, backward, ``float(loss)``, gradient clipping, AdamW,
+  draws (``SampleDraws``), prompt dropout, forward and loss, backward, ``float(loss)``, gradient clipping, AdamW
+  (or Muon + AdamW where the preset sets ``train_ar.optimizer: muon``),
   the LR schedule, the EMA, and the log every ``log_every`` steps. Sample images and checkpoints fall on no
   timed step (``sample_count`` 0, checkpoints only at the end).
 * **bare**: a loop written here: the same model (built by the same functions from the same seed), the same data
@@ -21,7 +22,7 @@ What is compared, exactly:
   weights, as the preset) + distillation MSE to a frozen copy of the encoder, ``backward``; then, in both, what the
   preset asks of every step and any hand-written loop for it would do too: gradient clipping at ``grad_clip``
   (``torch.nn.utils.clip_grad_norm_(..., foreach=True)``), AdamW with the library's settings (fused where torch has
-  it, as ``TrainingRun.adamw``), the warm-up + cosine LR schedule, ``zero_grad(set_to_none=True)``, and the EMA at
+  it, as ``TrainingRun.adamw``; the library's ``MuonWithAdamW`` for a Muon preset), the warm-up + cosine LR schedule, ``zero_grad(set_to_none=True)``, and the EMA at
   ``ema_decay`` (diffusers' ``EMAModel``, ``foreach``) when the preset has one. These are the recipe, not plumbing:
   a bare loop without them computes something else, and the ratio would charge the library for the work it was
   asked to do. (Before 2026-12-06 the bare loop had no clipping, EMA or schedule: clipping and the EMA were most of
@@ -165,7 +166,14 @@ def ar_bare(p, ae_dir: Path, batch: dict[str, Any], steps: int, skip: int, devic
     if gen.head.repa_projector is not None:
         gen.head.repa_projector.requires_grad_(False)  # as the library: unused without REPA
     params = [q for q in gen.parameters() if q.requires_grad]
-    optimizer, ema = _bare_optimizer([{"params": params}], cfg), _bare_ema(params, cfg)
+    if cfg.optimizer == "muon":  # the recipe's optimizer (torch's Muon + AdamW), not plumbing: the same class
+        from vgt_core.training.muon import MuonWithAdamW, hidden_matrices
+
+        hidden = hidden_matrices(gen, outputs=[gen.head.final])
+        optimizer = MuonWithAdamW(gen.named_parameters(), hidden, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=True)
+    else:
+        optimizer = _bare_optimizer([{"params": params}], cfg)
+    ema = _bare_ema(params, cfg)
     schedule = _bare_schedule(optimizer, cfg)
     size = cfg.batch_size  # the cached batches in turn: the library's loader also sees new latents every step
     batches = [(lat, batch["captions"][i * size : (i + 1) * size]) for i, lat in enumerate(batch["latents"].to(device).split(size))]

@@ -10,6 +10,7 @@ InternVL3 LM, no chat template (short prompts), a 128-wide head with 8 flow samp
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -51,13 +52,24 @@ def random_latents(count: int, seed: int = 0) -> torch.Tensor:
     return tokens.transpose(1, 2).reshape(count, 32, *GRID)
 
 
-def overfit(sampler: str, sampler_options: dict | None = None, steps: int = 250, lr: float = 5e-3, settle: float = 0.2) -> tuple[VGTGenerator, torch.Tensor]:
-    """Train on the 4 (caption, latents) pairs, all in every batch, as train_generator calls the loss."""
+def overfit(
+    sampler: str,
+    sampler_options: dict | None = None,
+    steps: int = 250,
+    lr: float = 5e-3,
+    settle: float = 0.2,
+    make_optimizer: Callable[[VGTGenerator, float], torch.optim.Optimizer] | None = None,
+) -> tuple[VGTGenerator, torch.Tensor]:
+    """Train on the 4 (caption, latents) pairs, all in every batch, as train_generator calls the loss (AdamW
+    unless ``make_optimizer`` builds another)."""
     p = small_preset(sampler, sampler_options)
     torch.manual_seed(0)
     gen = VGTGenerator.from_specs(p["backbone"], p["sampler"], latent_norm="layernorm", options=p["generator"])
     latents = random_latents(len(CAPTIONS))
-    optimizer = torch.optim.AdamW(gen.parameters(), lr=lr, weight_decay=0.0)
+    if make_optimizer is None:
+        optimizer = torch.optim.AdamW(gen.parameters(), lr=lr, weight_decay=0.0)
+    else:
+        optimizer = make_optimizer(gen, lr)
     end = int(steps * (1 - settle))  # constant, then a linear decay that settles the noisy loss
     decay = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (steps - step) / max(1, steps - end)))
     gen.train()

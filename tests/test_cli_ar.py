@@ -83,17 +83,27 @@ def test_generate_writes_reproducible_pngs_from_a_train_ar_model(trained, tmp_pa
     assert (tmp_path / "many" / "0000.png").read_bytes() != first
 
 
-def test_train_ar_resumes_from_its_last_checkpoint_to_the_same_weights(trained, tmp_path):
-    """A run that died after its step-3 checkpoint, resumed, ends where the uninterrupted run ended."""
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_train_ar_resumes_from_its_last_checkpoint_to_the_same_weights(trained, tmp_path, optimizer):
+    """A run that died after its step-3 checkpoint, resumed, ends where the uninterrupted run ended (with Muon too:
+    both optimizers' states and the schedule's reach into both come back)."""
     root, args = trained
+    args = [*args, "--steps", "6", "--set", "train_ar.checkpoint_every=3", "--set", f"train_ar.optimizer={optimizer}"]
+    full = root / "ar"
+    if optimizer != "adamw":
+        full = tmp_path / "full"
+        vgt("train-ar", *args, "--out", str(full), "--quiet")
     killed = tmp_path / "killed"
     killed.mkdir()
-    shutil.copytree(root / "ar" / "checkpoints" / "step-00000003", killed / "checkpoints" / "step-00000003")
+    shutil.copytree(full / "checkpoints" / "step-00000003", killed / "checkpoints" / "step-00000003")
     for name in ("preset.json", "log.jsonl"):
-        if (root / "ar" / name).exists():
-            shutil.copy(root / "ar" / name, killed / name)
-    vgt("train-ar", *args, "--steps", "6", "--set", "train_ar.checkpoint_every=3", "--out", str(killed), "--resume", "--quiet")
+        if (full / name).exists():
+            shutil.copy(full / name, killed / name)
+    vgt("train-ar", *args, "--out", str(killed), "--resume", "--quiet")
 
-    a = load_file(str(root / "ar" / "model" / "generator" / "model.safetensors"))
+    a = load_file(str(full / "model" / "generator" / "model.safetensors"))
     b = load_file(str(killed / "model" / "generator" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    if optimizer != "adamw":
+        adamw = load_file(str(root / "ar" / "model" / "generator" / "model.safetensors"))
+        assert not torch.equal(adamw["head.blocks.0.mlp.0.weight"], a["head.blocks.0.mlp.0.weight"])

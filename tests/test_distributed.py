@@ -140,19 +140,35 @@ def test_a_killed_two_process_run_resumes_to_the_uninterrupted_weights(ae_runs, 
     assert steps == sorted(set(steps)) == list(range(1, 9))
 
 
-def test_two_process_ar_training_with_accumulation_matches_one_process(ae_runs, data, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_two_process_ar_training_with_accumulation_matches_one_process(ae_runs, data, tmp_path, optimizer):
+    """Muon too: every process orthogonalises the same averaged gradients, so the two keep one model."""
     args = ["--preset", "tiny-internvl3", "--autoencoder", str(ae_runs / "one"), "--data", str(data), "--steps", "4", "--quiet",
             "--set", "train_ar.batch_size=4", "--set", "train_ar.log_every=1", "--set", "train_ar.sample_every=2",
-            "--set", "train_ar.sample_count=2", "--set", "train_ar.prompt_dropout=0.5"]  # fmt: skip
+            "--set", "train_ar.sample_count=2", "--set", "train_ar.prompt_dropout=0.5",
+            "--set", f"train_ar.optimizer={optimizer}"]  # fmt: skip
     runs = [
         launch(1, "train-ar", *args, "--out", str(tmp_path / "one")),
         launch(2, "train-ar", *args, "--set", "train_ar.gradient_accumulation_steps=2", "--out", str(tmp_path / "two")),
     ]
+    if optimizer == "muon":  # the scale of what the optimizer changes, for the tolerance below
+        runs.append(launch(1, "train-ar", *args, "--set", "train_ar.optimizer=adamw", "--out", str(tmp_path / "adamw")))
     said = [finish(process) for process in runs]
     assert said[1].count("VGT model saved to") == 1  # the main process says it, not every rank
-    a = load_file(str(tmp_path / "one" / "model" / "generator" / "model.safetensors"))
-    b = load_file(str(tmp_path / "two" / "model" / "generator" / "model.safetensors"))
-    assert_close(a, b, atol=5e-5)
+    def generator(run: str) -> dict[str, torch.Tensor]:
+        return load_file(str(tmp_path / run / "model" / "generator" / "model.safetensors"))
+
+    a, b = generator("one"), generator("two")
+    if optimizer == "adamw":
+        assert_close(a, b, atol=5e-5)
+    else:
+        # torch's Muon orthogonalises in bf16, which raises a gradient's faintest directions to full size: the
+        # float rounding of summing two micro-batches instead of one batch moves single weights by up to ~1e-4
+        # in 4 steps. Measured: 2 % of the distance between Muon's and AdamW's weights (0.0015 against 0.067).
+        def distance(x: dict, y: dict) -> float:
+            return sum((x[k] - y[k]).pow(2).sum() for k in x).sqrt().item()
+
+        assert a.keys() == b.keys() and distance(a, b) < 0.1 * distance(a, generator("adamw"))
     assert (tmp_path / "two" / "samples" / "step-00000002.png").exists()  # every process drew its share
     losses = [r["loss"] for r in log_file(tmp_path / "two")]
     assert losses == pytest.approx([r["loss"] for r in log_file(tmp_path / "one")], rel=1e-4)

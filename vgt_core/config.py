@@ -176,6 +176,12 @@ class ARTraining(Strict):
     warmup_steps: int = Field(1000, ge=0)
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.95)
+    optimizer: Literal["adamw", "muon"] = Field(
+        "adamw",
+        description="adamw (upstream); muon: torch.optim.Muon for the hidden weight matrices (the LM's and the flow "
+        "head's linear layers), AdamW for the rest, at the same lr and weight_decay (Moonlight's scaling). Not for "
+        "FSDP/DeepSpeed runs (docs/training.md#muon)",
+    )
     grad_clip: float | None = 1.0
     ema_decay: float | None = 0.9999
     ema_start: int = Field(0, ge=0, description="the EMA copies the weights until this step, then averages (upstream 10000)")

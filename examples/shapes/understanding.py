@@ -22,6 +22,8 @@ from tqdm.auto import tqdm
 from transformers import InternVLConfig, InternVLForConditionalGeneration
 
 from vgt_adapters.hf_vision import IMAGENET_MEAN, IMAGENET_STD
+from vgt_core.training.muon import MuonWithAdamW, hidden_matrices
+from vgt_core.training.run import cosine_with_warmup
 from vgt_shapes import ShapesOptions
 from vgt_shapes.tokenizer import build_tokenizer
 from vgt_shapes.world import COLORS, SHAPES, ShapesSample
@@ -123,8 +125,11 @@ def pretrain_understanding(
     words = {"shape": tokenizer.convert_tokens_to_ids(list(SHAPES)), "color": tokenizer.convert_tokens_to_ids(list(COLORS))}
     before = understanding_accuracy(model, eval_batches, words)
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.05)
+    # Muon for the VLM's linear layers, AdamW for the rest (vgt's train_ar.optimizer=muon): 500 steps named shapes
+    # as well as 800 of AdamW with a one-cycle schedule (docs/results/2026-shapes-tuning-log.md)
+    hidden = hidden_matrices(model, outputs=[model.get_output_embeddings()])
+    optimizer = MuonWithAdamW(model.named_parameters(), hidden, lr=lr, betas=(0.9, 0.95), weight_decay=0.01, fused=True)
+    schedule = cosine_with_warmup(optimizer, max(1, steps // 20), steps, 0.0)
     rng = np.random.default_rng(seed)
     losses, start = [], time.time()
     model.train()

@@ -23,6 +23,7 @@ from vgt_core.errors import VGTError
 from vgt_core.pipeline import VGTPipeline
 from vgt_core.repa import build_repa_teacher, repa_targets
 from vgt_core.training.autoencoder import _named_dataset, model_folder
+from vgt_core.training.muon import hidden_matrices
 from vgt_core.checkpointing import enable_gradient_checkpointing
 from vgt_core.training.run import ScheduledEMA, TrainingRun, cosine_with_warmup, optimizer_groups
 
@@ -84,7 +85,13 @@ def train_generator(
 
     if teacher is None and gen.head.repa_projector is not None:
         gen.head.repa_projector.requires_grad_(False)  # unused without REPA: no update, no data-parallel stall
-    optimizer = run.adamw(optimizer_groups(gen.named_parameters(), cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+    if cfg.optimizer == "muon":  # the flow head's last layer is an output layer: AdamW keeps it
+        hidden = hidden_matrices(gen, outputs=[gen.head.final])
+        optimizer = run.muon(
+            gen.named_parameters(), hidden, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, key="train_ar.optimizer"
+        )
+    else:
+        optimizer = run.adamw(optimizer_groups(gen.named_parameters(), cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
     schedule = cosine_with_warmup(optimizer, cfg.warmup_steps, cfg.steps, cfg.end_lr / cfg.lr)
     acc = run.accelerator
     gen, optimizer = acc.prepare(gen, optimizer)

@@ -212,12 +212,29 @@ class TrainingRun:
         """Plain or data-parallel (DDP) training: whole tensors on each process, nothing for accelerate to wrap."""
         return self.accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
 
+    @property
+    def _fused(self) -> bool:
+        return self._unsharded and self.device.type in ("cpu", "cuda")
+
     def adamw(self, groups: list[dict], *, lr: float, betas: tuple[float, float]) -> torch.optim.AdamW:
         """AdamW with torch's fused kernel where the run is unsharded (one kernel over all tensors; on a CPU torch's
         default is a loop over the tensors, 3-5x slower for vgt's many small ones, bench/train_step.py). Its
         updates match the loop's within float rounding (~1e-8 per step). Sharded runs keep torch's default."""
-        fused = self._unsharded and self.device.type in ("cpu", "cuda")
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, **({"fused": True} if fused else {}))
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, **({"fused": True} if self._fused else {}))
+
+    def muon(
+        self, named: Iterable[tuple[str, nn.Parameter]], hidden: set[int], *, lr: float, betas: tuple[float, float], weight_decay: float, key: str
+    ) -> torch.optim.Optimizer:
+        """Muon over the ``hidden`` matrices and AdamW over the rest (``vgt_core.training.muon``). Muon
+        orthogonalises whole matrices, which FSDP and DeepSpeed shard across processes: those runs are refused."""
+        if not self._unsharded:
+            raise VGTError(
+                f"{key}=muon needs whole weight matrices on every process, and this {self.accelerator.distributed_type.value} "
+                f"run shards them: set {key}=adamw, or train data-parallel (DDP)"
+            )
+        from vgt_core.training.muon import MuonWithAdamW  # it builds on optimizer_groups below
+
+        return MuonWithAdamW(named, hidden, lr=lr, betas=betas, weight_decay=weight_decay, fused=self._fused)
 
     def clip_gradients(self, parameters: list[nn.Parameter], max_norm: float) -> None:
         """Clip the gradients' global norm to ``max_norm``. Unsharded and without fp16 loss scaling this is torch's

@@ -1,0 +1,150 @@
+"""``train_ar.optimizer: muon``: torch's Muon over the hidden matrices, AdamW over the rest, stepped as one.
+
+What could break: a parameter trained twice or not at all, an LR schedule that reaches one of the two optimizers
+(or stops reaching Muon after a checkpoint is loaded: ``load_state_dict`` replaces an optimizer's groups), updates
+that differ from torch's own optimizers, and a model that does not learn with it. The exact resume of a killed run
+is in test_cli_ar.py, the two-process run in test_distributed.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from test_ar_learning import CAPTIONS, GRID, assert_each_prompt_returns_its_own_latents, overfit
+from vgt_core.generator import VGTGenerator
+from vgt_core.training.muon import MuonWithAdamW, hidden_matrices
+from vgt_core.training.run import cosine_with_warmup, optimizer_groups
+from conftest import builtin_preset
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_generator() -> VGTGenerator:
+    p = builtin_preset("tiny-internvl3")
+    return VGTGenerator.from_specs(p["backbone"], p["sampler"], latent_norm="layernorm", options=p["generator"])
+
+
+class Toy(nn.Module):
+    """An embedding, a tied output, a hidden linear layer, a norm and an output layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 8)
+        self.hidden = nn.Linear(8, 8)
+        self.norm = nn.LayerNorm(8)
+        self.out = nn.Linear(8, 3)
+        self.tied = nn.Linear(8, 10, bias=False)
+        self.tied.weight = self.embed.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(self.hidden(self.embed(x)).relu())
+        return self.out(h).sum() + self.tied(h).logsumexp(-1).sum()
+
+
+def test_muon_takes_the_hidden_matrices_and_adamw_every_other_parameter_once():
+    gen = tiny_generator()
+    hidden = hidden_matrices(gen, outputs=[gen.head.final])
+    names = {n for n, p in gen.named_parameters() if id(p) in hidden}
+    lm = "backbone.lm.layers.0."
+    for part in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"):
+        assert f"{lm}{part}.weight" in names
+    assert {"head.blocks.0.mlp.0.weight", "head.blocks.0.modulation.1.weight", "head.input_proj.weight", "latent_in.weight"} <= names
+    assert all(n.endswith(".weight") for n in names)  # no bias, no norm
+    assert not {"head.final.weight", "position_grid", "backbone.lm.embed_tokens.weight"} & names
+    assert not any("norm" in n.split(".")[-2] or "grid" in n for n in names)
+
+    opt = MuonWithAdamW(gen.named_parameters(), hidden, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.05)
+    muon = [p for g in opt.muon.param_groups for p in g["params"]]
+    rest = [p for g in opt.adamw.param_groups for p in g["params"]]
+    trainable = [p for p in gen.parameters() if p.requires_grad]
+    assert len(muon) == len(hidden) and all(p.ndim == 2 for p in muon)
+    assert sorted(map(id, muon + rest)) == sorted(map(id, trainable))  # each once, none left out
+
+
+def test_its_updates_are_torchs_muon_and_adamw_and_a_tied_embedding_stays_with_adamw():
+    torch.manual_seed(0)
+    model, ref = Toy(), Toy()
+    ref.load_state_dict(model.state_dict())
+    hidden = hidden_matrices(model, outputs=[model.out])
+    assert hidden == {id(model.hidden.weight)}  # the tied output shares the embedding's weight: not hidden
+
+    opt = MuonWithAdamW(model.named_parameters(), hidden, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+    muon = torch.optim.Muon([ref.hidden.weight], lr=1e-2, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    adamw = torch.optim.AdamW(optimizer_groups(((n, p) for n, p in ref.named_parameters() if n != "hidden.weight"), 0.1), lr=1e-2, betas=(0.9, 0.95))
+    x = torch.randint(0, 10, (4, 5))
+    for _ in range(3):
+        for m, optimizers in ((model, [opt]), (ref, [muon, adamw])):
+            m(x).backward()
+            for o in optimizers:
+                o.step()
+                o.zero_grad()
+    for (name, a), b in zip(model.named_parameters(), ref.parameters()):
+        assert torch.equal(a, b), name
+    assert not torch.equal(model.hidden.weight, Toy().hidden.weight)
+
+
+def test_a_schedule_sets_both_learning_rates_also_after_a_checkpoint_is_loaded():
+    def build(model):
+        opt = MuonWithAdamW(model.named_parameters(), hidden_matrices(model, [model.out]), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.0)
+        return opt, cosine_with_warmup(opt, warmup=2, total=10, floor=0.1)
+
+    torch.manual_seed(0)
+    model = Toy()
+    opt, schedule = build(model)
+    x = torch.randint(0, 10, (4, 5))
+    for _ in range(4):
+        model(x).backward()
+        opt.step()
+        opt.zero_grad()
+        schedule.step()
+    lrs = {g["lr"] for g in opt.param_groups}
+    assert len(lrs) == 1 and lrs == {schedule.get_last_lr()[0]} and 0.001 < lrs.pop() < 0.01
+    assert opt.muon.param_groups[0]["lr"] == opt.adamw.param_groups[0]["lr"]
+
+    state, sched_state = opt.state_dict(), schedule.state_dict()
+    resumed, resumed_schedule = build(model)
+    resumed.load_state_dict(state)  # replaces both optimizers' group dicts
+    resumed_schedule.load_state_dict(sched_state)
+    for o in (opt, resumed):
+        model(x).backward()
+        o.step()
+        o.zero_grad()
+    schedule.step()
+    resumed_schedule.step()
+    assert [g["lr"] for g in resumed.param_groups] == [g["lr"] for g in opt.param_groups]
+    assert resumed.muon.param_groups[0]["lr"] == schedule.get_last_lr()[0]  # the schedule still reaches Muon
+    assert torch.equal(resumed.state[model.hidden.weight]["momentum_buffer"], opt.state[model.hidden.weight]["momentum_buffer"])
+
+    with pytest.raises(ValueError, match="not a MuonWithAdamW state"):
+        resumed.load_state_dict(torch.optim.AdamW(model.parameters()).state_dict())
+
+
+def test_queryar_learns_its_prompts_latents_with_muon():
+    """The overfit task of test_ar_learning.py, trained with the optimizer the demo uses: each prompt returns its
+    own latents (at 4e-3, the demo's LR; AdamW's test uses 5e-3)."""
+
+    def muon(gen: VGTGenerator, lr: float) -> torch.optim.Optimizer:
+        hidden = hidden_matrices(gen, outputs=[gen.head.final])
+        return MuonWithAdamW(gen.named_parameters(), hidden, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+
+    gen, latents = overfit("queryar", {"train_group_sizes": [1, 4, 16]}, lr=4e-3, make_optimizer=muon)
+    assert_each_prompt_returns_its_own_latents(gen, latents, m=1)
+    assert len(CAPTIONS) == latents.shape[0] and tuple(latents.shape[-2:]) == GRID
+
+
+def test_sharded_runs_refuse_muon_and_name_the_way_out(monkeypatch, tmp_path):
+    from vgt_core.errors import VGTError
+    from vgt_core.training.run import TrainingRun
+
+    monkeypatch.setattr(TrainingRun, "_unsharded", property(lambda self: False))
+    run = TrainingRun.__new__(TrainingRun)
+    run.accelerator = type("Acc", (), {"distributed_type": type("T", (), {"value": "FSDP"})()})()
+    with pytest.raises(VGTError, match=r"train_ar.optimizer=muon needs whole weight matrices.*FSDP.*train_ar.optimizer=adamw"):
+        run.muon(Toy().named_parameters(), set(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0, key="train_ar.optimizer")
