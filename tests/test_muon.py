@@ -11,19 +11,11 @@ import pytest
 import torch
 from torch import nn
 
-from test_ar_learning import CAPTIONS, GRID, assert_each_prompt_returns_its_own_latents, overfit
+from test_ar_learning import CAPTIONS, GRID, assert_each_prompt_returns_its_own_latents, one_thread, overfit  # noqa: F401 (fixture)
 from vgt_core.generator import VGTGenerator
 from vgt_core.training.muon import MuonWithAdamW, hidden_matrices
 from vgt_core.training.run import cosine_with_warmup, optimizer_groups
 from conftest import builtin_preset
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny_generator() -> VGTGenerator:
