@@ -32,7 +32,9 @@ What is compared, exactly:
 
 On a CPU with several cores it also times the bare AR loop (15 steps) at 1 thread against one per core, and on a CPU
 the bare AE loop with denormal floats against flushed to zero (``denormal_comparison``: the library's CPU runs flush
-them, ``TrainingRun``; SiLU's gradient makes them and x86 takes a slow path on each).
+them, ``TrainingRun``; SiLU's gradient makes them and x86 takes a slow path on each). For a preset that trains with
+Muon, ``muon_comparison`` times one optimizer step of torch's ``Muon`` against vgt's ``BatchedMuon`` on the same
+matrices.
 
 ``overhead_ratio`` = median library step / median bare step (AR), ``ae_overhead_ratio`` the same for stage 1. Runs
 alternate library and bare ``--repeats`` times; each ratio is of medians over all timed steps. ``--profile`` adds a
@@ -60,7 +62,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from _common import parser, preset, setup, synchronize, thread_comparison, write_json  # noqa: E402
+from _common import parser, preset, setup, synchronize, thread_comparison, timed, write_json  # noqa: E402
 
 # -- step timestamps of the library's loops ------------------------------------------------------------------------
 
@@ -261,6 +263,31 @@ def denormal_comparison(run, repeats: int) -> dict[str, float]:
     return {"ms_per_step_denormals": round(kept * 1e3, 2), "ms_per_step_flushed": round(flushed * 1e3, 2), "speedup": round(kept / flushed, 3)}
 
 
+def muon_comparison(p, repeats: int, device: str = "cpu", steps: int = 20) -> dict[str, float]:
+    """One Muon step over the preset generator's hidden matrices (random gradients): torch's ``Muon``, one
+    Newton–Schulz call per matrix, against vgt's ``BatchedMuon``, one per shape; alternating, medians of all steps."""
+    from vgt_core.generator import VGTGenerator
+    from vgt_core.training.muon import BatchedMuon, hidden_matrices
+
+    gen = VGTGenerator.from_specs(p.backbone.model_dump(), p.sampler.model_dump(), options=p.generator).to(device)
+    matrices = [q for q in gen.parameters() if id(q) in hidden_matrices(gen, outputs=[gen.head.final])]
+    for q in matrices:
+        q.grad = torch.randn_like(q)
+    options = {"lr": 1e-3, "weight_decay": 0.0, "adjust_lr_fn": "match_rms_adamw"}
+    optimizers = {"torch": torch.optim.Muon(matrices, **options), "batched": BatchedMuon(matrices, **options)}
+    times: dict[str, list[float]] = {name: [] for name in optimizers}
+    for name, o in optimizers.items():  # warm-up, untimed
+        o.step()
+    for _ in range(repeats):
+        for name, o in optimizers.items():
+            for _ in range(steps):
+                times[name].append(timed(o.step, device))
+    torch_ms, batched_ms = (statistics.median(times[k]) * 1e3 for k in ("torch", "batched"))
+    shapes = len({(min(q.shape), max(q.shape)) for q in matrices})
+    print(f"Muon step, {len(matrices)} matrices in {shapes} shapes: torch.optim.Muon {torch_ms:.1f} ms, BatchedMuon {batched_ms:.1f} ms: {torch_ms / batched_ms:.2f}x")
+    return {"matrices": len(matrices), "shapes": shapes, "torch_ms": round(torch_ms, 2), "batched_ms": round(batched_ms, 2), "speedup": round(torch_ms / batched_ms, 3)}
+
+
 def with_world_tokenizer(p, work: Path):
     """A shapes-world preset (``shapes-demo``) reads its word-level tokenizer from the understanding VLM the demo
     trains first; built from its config here, it gets the same tokenizer, saved to ``work``. Other presets as given."""
@@ -358,6 +385,10 @@ def main() -> None:
             print()
             # 60 steps, the first 25 untimed: a fresh decoder's SiLU inputs go far negative only after ~20 steps
             denormals = denormal_comparison(lambda: ae_bare(pe, ae_images, 60, 25, dev), args.repeats)
+        muon: dict[str, float] = {}
+        if p.train_ar.optimizer == "muon":
+            print()
+            muon = muon_comparison(p, args.repeats, dev)
         profiles = {}
         if args.profile:
             profiles["AR"] = ar_library(p, work / "ae", work / "cache", args.ar_steps, args.skip, work, profile=True)[1]
@@ -381,6 +412,7 @@ def main() -> None:
         "ae_overhead_ratio": round(median["ae library"] / median["ae bare"], 3),
         "thread_comparison": threads,
         "denormal_comparison": denormals,
+        "muon_comparison": muon,
         "ratios_per_round": [{k: round(v, 3) for k, v in r.items()} for r in rounds],
     }
     print(f"\noverhead_ratio (AR library / bare): {result['overhead_ratio']}\nae_overhead_ratio (AE stage 1 library / bare): {result['ae_overhead_ratio']}")

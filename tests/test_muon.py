@@ -13,7 +13,7 @@ from torch import nn
 
 from test_ar_learning import CAPTIONS, GRID, assert_each_prompt_returns_its_own_latents, one_thread, overfit  # noqa: F401 (fixture)
 from vgt_core.generator import VGTGenerator
-from vgt_core.training.muon import MuonWithAdamW, hidden_matrices
+from vgt_core.training.muon import BatchedMuon, MuonWithAdamW, hidden_matrices
 from vgt_core.training.run import cosine_with_warmup, optimizer_groups
 from conftest import builtin_preset
 
@@ -80,6 +80,35 @@ def test_its_updates_are_torchs_muon_and_adamw_and_a_tied_embedding_stays_with_a
     for (name, a), b in zip(model.named_parameters(), ref.parameters()):
         assert torch.equal(a, b), name
     assert not torch.equal(model.hidden.weight, Toy().hidden.weight)
+
+
+@pytest.mark.parametrize("nesterov, adjust_lr_fn", [(True, "match_rms_adamw"), (False, None), (True, "spectral_unclamped")])
+def test_batched_muon_steps_as_torchs_muon_and_shares_its_checkpoints(nesterov, adjust_lr_fn):
+    """Same-shaped matrices go through one batched Newton–Schulz call: each must still get its own update (a mix-up
+    or a transposed tall matrix would move the weights by a whole step). Tall, wide and square, three of a shape."""
+    torch.manual_seed(0)
+    shapes = [(16, 8), (8, 16), (12, 12), (16, 8), (12, 12), (16, 8), (5, 7)]
+    weights = [torch.randn(s, requires_grad=True) for s in shapes]
+    ref = [w.detach().clone().requires_grad_() for w in weights]
+    options = {"lr": 0.02, "weight_decay": 0.1, "nesterov": nesterov, "adjust_lr_fn": adjust_lr_fn}
+    batched, torchs = BatchedMuon(weights, **options), torch.optim.Muon(ref, **options)
+    for step in range(3):
+        before = [r.detach().clone() for r in ref]
+        for w, r in zip(weights, ref):
+            w.grad = torch.randn_like(w)
+            r.grad = w.grad.clone()
+        batched.step()
+        torchs.step()
+        for w, r, b in zip(weights, ref, before):
+            assert (w - r).abs().max() <= 1e-2 * (r - b).abs().max(), (step, tuple(w.shape))
+    weights[0].grad = None  # a matrix without a gradient this step is left alone
+    kept = weights[0].detach().clone()
+    batched.step()
+    assert torch.equal(weights[0], kept)
+
+    restored = BatchedMuon([w.detach().clone().requires_grad_() for w in ref], **options)
+    restored.load_state_dict(torchs.state_dict())  # torch's checkpoint, read by the batched optimizer
+    assert all(torch.equal(restored.state[p]["momentum_buffer"], torchs.state[r]["momentum_buffer"]) for p, r in zip(restored.param_groups[0]["params"], ref))
 
 
 def test_a_schedule_sets_both_learning_rates_also_after_a_checkpoint_is_loaded():
