@@ -171,7 +171,7 @@ def ar_bare(p, ae_dir: Path, batch: dict[str, Any], steps: int, skip: int, devic
     if cfg.optimizer == "muon":  # the recipe's optimizer (torch's Muon + AdamW), not plumbing: the same class
         from vgt_core.training.muon import MuonWithAdamW, hidden_matrices
 
-        hidden = hidden_matrices(gen, outputs=[gen.head.final])
+        hidden = hidden_matrices(gen, outputs=gen.output_layers)
         optimizer = MuonWithAdamW(gen.named_parameters(), hidden, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=True)
     else:
         optimizer = _bare_optimizer([{"params": params}], cfg)
@@ -270,7 +270,7 @@ def muon_comparison(p, repeats: int, device: str = "cpu", steps: int = 20) -> di
     from vgt_core.training.muon import BatchedMuon, hidden_matrices
 
     gen = VGTGenerator.from_specs(p.backbone.model_dump(), p.sampler.model_dump(), options=p.generator).to(device)
-    matrices = [q for q in gen.parameters() if id(q) in hidden_matrices(gen, outputs=[gen.head.final])]
+    matrices = [q for q in gen.parameters() if id(q) in hidden_matrices(gen, outputs=gen.output_layers)]
     for q in matrices:
         q.grad = torch.randn_like(q)
     options = {"lr": 1e-3, "weight_decay": 0.0, "adjust_lr_fn": "match_rms_adamw"}

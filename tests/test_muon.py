@@ -13,7 +13,7 @@ from torch import nn
 
 from test_ar_learning import CAPTIONS, GRID, assert_each_prompt_returns_its_own_latents, one_thread, overfit  # noqa: F401 (fixture)
 from vgt_core.generator import VGTGenerator
-from vgt_core.training.muon import BatchedMuon, MuonWithAdamW, hidden_matrices
+from vgt_core.training.muon import BatchedMuon, MuonWithAdamW, hidden_matrices, orthogonalise
 from vgt_core.training.run import cosine_with_warmup, optimizer_groups
 from conftest import builtin_preset
 
@@ -42,7 +42,7 @@ class Toy(nn.Module):
 
 def test_muon_takes_the_hidden_matrices_and_adamw_every_other_parameter_once():
     gen = tiny_generator()
-    hidden = hidden_matrices(gen, outputs=[gen.head.final])
+    hidden = hidden_matrices(gen, outputs=gen.output_layers)
     names = {n for n, p in gen.named_parameters() if id(p) in hidden}
     lm = "backbone.lm.layers.0."
     for part in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"):
@@ -82,10 +82,17 @@ def test_its_updates_are_torchs_muon_and_adamw_and_a_tied_embedding_stays_with_a
     assert not torch.equal(model.hidden.weight, Toy().hidden.weight)
 
 
-@pytest.mark.parametrize("nesterov, adjust_lr_fn", [(True, "match_rms_adamw"), (False, None), (True, "spectral_unclamped")])
-def test_batched_muon_steps_as_torchs_muon_and_shares_its_checkpoints(nesterov, adjust_lr_fn):
-    """Same-shaped matrices go through one batched Newton–Schulz call: each must still get its own update (a mix-up
-    or a transposed tall matrix would move the weights by a whole step). Tall, wide and square, three of a shape."""
+@pytest.mark.parametrize("nesterov, adjust_lr_fn, batch_elements", [(True, "match_rms_adamw", None), (False, None, None), (True, "spectral_unclamped", 300)])
+def test_batched_muon_steps_as_torchs_muon_and_shares_its_checkpoints(nesterov, adjust_lr_fn, batch_elements, monkeypatch):
+    """Same-shaped matrices (a matrix and its transpose alike) go through one batched Newton–Schulz call, or a few
+    when they exceed ``BATCH_ELEMENTS``: each must still get its own update (a mix-up or a tall matrix left
+    transposed would move the weights by a whole step). Tall, wide and square, three of a shape."""
+    from vgt_core.training import muon
+
+    calls = []
+    monkeypatch.setattr(muon, "orthogonalise", lambda update, *a: calls.append(tuple(update.shape)) or orthogonalise(update, *a))
+    if batch_elements:
+        monkeypatch.setattr(muon, "BATCH_ELEMENTS", batch_elements)
     torch.manual_seed(0)
     shapes = [(16, 8), (8, 16), (12, 12), (16, 8), (12, 12), (16, 8), (5, 7)]
     weights = [torch.randn(s, requires_grad=True) for s in shapes]
@@ -101,6 +108,11 @@ def test_batched_muon_steps_as_torchs_muon_and_shares_its_checkpoints(nesterov, 
         torchs.step()
         for w, r, b in zip(weights, ref, before):
             assert (w - r).abs().max() <= 1e-2 * (r - b).abs().max(), (step, tuple(w.shape))
+    per_step = sorted(calls[: len(calls) // 3])
+    if batch_elements:  # at most 300 elements a call: the four 128-element matrices in two calls
+        assert per_step == [(1, 5, 7), (2, 8, 16), (2, 8, 16), (2, 12, 12)]
+    else:  # one call per shape, the tall (16, 8) matrices turned wide
+        assert per_step == [(1, 5, 7), (2, 12, 12), (4, 8, 16)]
     weights[0].grad = None  # a matrix without a gradient this step is left alone
     kept = weights[0].detach().clone()
     batched.step()
@@ -152,7 +164,7 @@ def test_queryar_learns_its_prompts_latents_with_muon():
     own latents (at 4e-3, the demo's LR; AdamW's test uses 5e-3)."""
 
     def muon(gen: VGTGenerator, lr: float) -> torch.optim.Optimizer:
-        hidden = hidden_matrices(gen, outputs=[gen.head.final])
+        hidden = hidden_matrices(gen, outputs=gen.output_layers)
         return MuonWithAdamW(gen.named_parameters(), hidden, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
 
     gen, latents = overfit("queryar", {"train_group_sizes": [1, 4, 16]}, lr=4e-3, make_optimizer=muon)

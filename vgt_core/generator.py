@@ -117,6 +117,12 @@ class VGTGenerator(nn.Module):
         return SamplerContext(self.backbone, self.latent_channels, self.positions, self.embed_latents, self.sample_tokens)
 
     @property
+    def output_layers(self) -> list[nn.Module]:
+        """The layers that write the model's output (the flow head's last layer): Muon leaves them to AdamW, as it
+        does the embeddings (``vgt_core.training.muon.hidden_matrices``)."""
+        return [self.head.final]
+
+    @property
     def device(self) -> torch.device:
         return self.latent_in.weight.device
 

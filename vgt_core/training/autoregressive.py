@@ -86,7 +86,7 @@ def train_generator(
     if teacher is None and gen.head.repa_projector is not None:
         gen.head.repa_projector.requires_grad_(False)  # unused without REPA: no update, no data-parallel stall
     if cfg.optimizer == "muon":  # the flow head's last layer is an output layer: AdamW keeps it
-        hidden = hidden_matrices(gen, outputs=[gen.head.final])
+        hidden = hidden_matrices(gen, outputs=gen.output_layers)
         optimizer = run.muon(
             gen.named_parameters(), hidden, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, key="train_ar.optimizer"
         )

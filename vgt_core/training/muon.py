@@ -59,6 +59,16 @@ def lr_ratio(adjust_lr_fn: str | None, shape: torch.Size) -> float:
     return math.sqrt(rows / cols)  # "spectral_unclamped", the only other value torch's Muon accepts
 
 
+BATCH_ELEMENTS = 2**25
+"""At most this many elements in one batched Newton–Schulz call (128 MiB of fp32 per stacked copy): a large
+model's same-shaped matrices (a 1.5B LM's 56 MLP matrices are 0.8G elements) are orthogonalised a few at a time."""
+
+
+def _chunks(index: list[int], size: int) -> list[list[int]]:
+    per_call = max(1, BATCH_ELEMENTS // size)
+    return [index[i : i + per_call] for i in range(0, len(index), per_call)]
+
+
 def _tall(matrix: Tensor) -> bool:
     return matrix.size(0) > matrix.size(1)
 
@@ -98,7 +108,7 @@ class BatchedMuon(torch.optim.Muon):
             same_shape: dict[tuple, list[int]] = defaultdict(list)
             for i, p in enumerate(params):
                 same_shape[(min(p.shape), max(p.shape), p.device, p.dtype)].append(i)
-            for index in same_shape.values():
+            for index in (chunk for same in same_shape.values() for chunk in _chunks(same, params[same[0]].numel())):
                 wide = [(buffers[i].mT, grads[i].mT) if _tall(params[i]) else (buffers[i], grads[i]) for i in index]
                 update = torch.stack([b for b, _ in wide])
                 if group["nesterov"]:
