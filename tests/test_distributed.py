@@ -142,7 +142,8 @@ def test_a_killed_two_process_run_resumes_to_the_uninterrupted_weights(ae_runs, 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 def test_two_process_ar_training_with_accumulation_matches_one_process(ae_runs, data, tmp_path, optimizer):
-    """Muon too: every process orthogonalises the same averaged gradients, so the two keep one model."""
+    """Muon too: the processes split the orthogonalisation of the averaged gradients and broadcast their shares
+    (``BatchedMuon``'s ``process_group``), so the two keep one model."""
     args = ["--preset", "tiny-internvl3", "--autoencoder", str(ae_runs / "one"), "--data", str(data), "--steps", "4", "--quiet",
             "--set", "train_ar.batch_size=4", "--set", "train_ar.log_every=1", "--set", "train_ar.sample_every=2",
             "--set", "train_ar.sample_count=2", "--set", "train_ar.prompt_dropout=0.5",

@@ -181,3 +181,59 @@ def test_sharded_runs_refuse_muon_and_name_the_way_out(monkeypatch, tmp_path):
     run.accelerator = type("Acc", (), {"distributed_type": type("T", (), {"value": "FSDP"})()})()
     with pytest.raises(VGTError, match=r"train_ar.optimizer=muon needs whole weight matrices.*FSDP.*train_ar.optimizer=adamw"):
         run.muon(Toy().named_parameters(), set(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0, key="train_ar.optimizer")
+
+
+SPLIT_WORKER = """
+import json, sys
+import torch, torch.distributed as dist
+from safetensors.torch import save_file
+from vgt_core.training import muon
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+done = []
+real = muon.orthogonalise
+muon.orthogonalise = lambda update, *a: done.append(update.shape[0]) or real(update, *a)
+torch.manual_seed(0)  # the same weights and gradients on every process, as after DDP's all-reduce
+weights = [torch.randn(s, requires_grad=True) for s in SHAPES]
+optimizer = muon.BatchedMuon(weights, lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw", process_group=dist.group.WORLD)
+for _ in range(3):
+    for w in weights:
+        w.grad = torch.randn_like(w)
+    optimizer.step()
+save_file({str(i): w.detach() for i, w in enumerate(weights)}, f"{sys.argv[1]}/rank{rank}.safetensors")
+open(f"{sys.argv[1]}/rank{rank}.json", "w").write(json.dumps(done))
+dist.destroy_process_group()
+"""
+
+
+def test_data_parallel_processes_split_the_orthogonalisation_and_keep_one_model(tmp_path):
+    """Two gloo processes with the same gradients (what DDP leaves before the step): each orthogonalises a share of
+    the matrices, and both end with the weights one process computes alone."""
+    import json
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+    from test_distributed import free_port
+
+    shapes = [(16, 8), (8, 16), (12, 12), (16, 8), (12, 12), (16, 8), (5, 7), (32, 16)]
+    (tmp_path / "worker.py").write_text(f"SHAPES = {shapes!r}\n" + SPLIT_WORKER)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+                          str(tmp_path / "worker.py"), str(tmp_path)], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+
+    torch.manual_seed(0)
+    weights = [torch.randn(s, requires_grad=True) for s in shapes]
+    alone = BatchedMuon(weights, lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    for _ in range(3):
+        for w in weights:
+            w.grad = torch.randn_like(w)
+        alone.step()
+    ranks = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1)]
+    for i, w in enumerate(weights):
+        assert torch.equal(ranks[0][str(i)], ranks[1][str(i)])  # one model
+        assert torch.allclose(ranks[0][str(i)], w.detach(), rtol=0, atol=1e-5), i  # the model one process trains
+    shares = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert sum(shares[0]) + sum(shares[1]) == 3 * len(shapes)  # every matrix orthogonalised once a step, by one process
+    assert 0 < sum(shares[0]) < 3 * len(shapes) and 0 < sum(shares[1])  # by both processes, in turn

@@ -16,6 +16,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from vgt_core.training.run import optimizer_groups
@@ -64,13 +65,33 @@ BATCH_ELEMENTS = 2**25
 model's same-shaped matrices (a 1.5B LM's 56 MLP matrices are 0.8G elements) are orthogonalised a few at a time."""
 
 
-def _chunks(index: list[int], size: int) -> list[list[int]]:
-    per_call = max(1, BATCH_ELEMENTS // size)
+def _chunks(index: list[int], size: int, world: int) -> list[list[int]]:
+    """``index`` (same-shaped matrices of ``size`` elements) in batches of at most ``BATCH_ELEMENTS``, and in at least
+    ``world`` batches where there are enough matrices, so that every process gets a share."""
+    per_call = max(1, min(BATCH_ELEMENTS // size, math.ceil(len(index) / world)))
     return [index[i : i + per_call] for i in range(0, len(index), per_call)]
+
+
+def _balanced(costs: list[float], world: int) -> list[int]:
+    """The process of each job: the costliest first, each to the least loaded process (the same on every process)."""
+    load, owner = [0.0] * world, [0] * len(costs)
+    for k in sorted(range(len(costs)), key=lambda k: -costs[k]):
+        owner[k] = min(range(world), key=load.__getitem__)
+        load[owner[k]] += costs[k]
+    return owner
 
 
 def _tall(matrix: Tensor) -> bool:
     return matrix.size(0) > matrix.size(1)
+
+
+def _orthogonalised(buffers: list[Tensor], grads: list[Tensor], group: dict) -> Tensor:
+    """The orthogonalised (Nesterov) momentum of same-shaped matrices, stacked, each in its wide orientation."""
+    wide = [(b.mT, g.mT) if _tall(b) else (b, g) for b, g in zip(buffers, grads)]
+    update = torch.stack([b for b, _ in wide])
+    if group["nesterov"]:
+        update = torch.stack([g for _, g in wide]).lerp_(update, group["momentum"])
+    return orthogonalise(update, group["ns_coefficients"], group["ns_steps"], group["eps"]).contiguous()
 
 
 class BatchedMuon(torch.optim.Muon):
@@ -81,7 +102,15 @@ class BatchedMuon(torch.optim.Muon):
     counting as one), and at small and medium sizes the per-call cost is what torch's loop pays. The results equal
     torch's up to the rounding of the batched bf16 products (on the CPUs measured, bit for bit).
     ``pytorch_optimizer`` and others ship batched Muons with their own variants; this one keeps torch's.
+
+    With a ``process_group`` (data-parallel training: every process holds the same averaged gradients), the batches
+    are split between the processes, each orthogonalises its share and broadcasts it, and every process applies all
+    updates: the model stays one, and each process does ~1/world of the iterations instead of all of them.
     """
+
+    def __init__(self, params, *args, process_group: dist.ProcessGroup | None = None, **kwargs):
+        super().__init__(params, *args, **kwargs)
+        self.process_group = process_group
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
@@ -89,6 +118,8 @@ class BatchedMuon(torch.optim.Muon):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        split = self.process_group is not None and dist.get_world_size(self.process_group) > 1
+        world, rank = (dist.get_world_size(self.process_group), dist.get_rank(self.process_group)) if split else (1, 0)
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
@@ -100,20 +131,30 @@ class BatchedMuon(torch.optim.Muon):
                 if "momentum_buffer" not in self.state[p]:
                     self.state[p]["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
             buffers = [self.state[p]["momentum_buffer"] for p in params]
-            lr, momentum = group["lr"], group["momentum"]
-            torch._foreach_lerp_(buffers, grads, 1 - momentum)
+            lr = group["lr"]
+            torch._foreach_lerp_(buffers, grads, 1 - group["momentum"])
             if group["weight_decay"]:
                 torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
             # Torch's iteration runs on the wide orientation of each matrix, so a (m, n) and an (n, m) matrix share a batch.
             same_shape: dict[tuple, list[int]] = defaultdict(list)
             for i, p in enumerate(params):
                 same_shape[(min(p.shape), max(p.shape), p.device, p.dtype)].append(i)
-            for index in (chunk for same in same_shape.values() for chunk in _chunks(same, params[same[0]].numel())):
-                wide = [(buffers[i].mT, grads[i].mT) if _tall(params[i]) else (buffers[i], grads[i]) for i in index]
-                update = torch.stack([b for b, _ in wide])
-                if group["nesterov"]:
-                    update = torch.stack([g for _, g in wide]).lerp_(update, momentum)
-                update = orthogonalise(update, group["ns_coefficients"], group["ns_steps"], group["eps"])
+            jobs = [chunk for same in same_shape.values() for chunk in _chunks(same, params[same[0]].numel(), world)]
+            shapes = [(len(index), min(params[index[0]].shape), max(params[index[0]].shape)) for index in jobs]
+            owners = _balanced([n * rows * rows * cols for n, rows, cols in shapes], world)
+            results, pending = [], []
+            for index, shape, owner in zip(jobs, shapes, owners):
+                if owner == rank:
+                    update = _orthogonalised([buffers[i] for i in index], [grads[i] for i in index], group)
+                else:
+                    update = torch.empty(shape, dtype=torch.bfloat16, device=params[index[0]].device)
+                if split:
+                    source = dist.get_global_rank(self.process_group, owner)
+                    pending.append(dist.broadcast(update, src=source, group=self.process_group, async_op=True))
+                results.append(update)
+            for work in pending:
+                work.wait()
+            for index, update in zip(jobs, results):
                 for i, u in zip(index, update.unbind(0)):
                     scale = lr * lr_ratio(group["adjust_lr_fn"], params[i].shape)
                     params[i].add_(u.mT if _tall(params[i]) else u, alpha=-scale)
@@ -135,6 +176,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
         weight_decay: float,
         momentum: float = 0.95,
         fused: bool = False,
+        process_group: dist.ProcessGroup | None = None,
     ):
         named = [(n, p) for n, p in named if p.requires_grad]
         matrices = [p for _, p in named if id(p) in hidden]
@@ -144,7 +186,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
         # No Optimizer.__init__: the groups and states live in the two optimizers; this class only forwards.
         self.defaults = {"lr": lr}
         self.muon = BatchedMuon(
-            matrices, lr=lr, weight_decay=weight_decay, momentum=momentum, adjust_lr_fn="match_rms_adamw"
+            matrices, lr=lr, weight_decay=weight_decay, momentum=momentum, adjust_lr_fn="match_rms_adamw", process_group=process_group
         )
         self.adamw = torch.optim.AdamW(rest, lr=lr, betas=betas, **({"fused": True} if fused else {})) if rest else None
         self._optimizer_step_pre_hooks, self._optimizer_step_post_hooks = {}, {}

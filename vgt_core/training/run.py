@@ -226,7 +226,8 @@ class TrainingRun:
         self, named: Iterable[tuple[str, nn.Parameter]], hidden: set[int], *, lr: float, betas: tuple[float, float], weight_decay: float, key: str
     ) -> torch.optim.Optimizer:
         """Muon over the ``hidden`` matrices and AdamW over the rest (``vgt_core.training.muon``). Muon
-        orthogonalises whole matrices, which FSDP and DeepSpeed shard across processes: those runs are refused."""
+        orthogonalises whole matrices, which FSDP and DeepSpeed shard across processes: those runs are refused.
+        Data-parallel processes split the orthogonalisation between them (``BatchedMuon``'s ``process_group``)."""
         if not self._unsharded:
             raise VGTError(
                 f"{key}=muon needs whole weight matrices on every process, and this {self.accelerator.distributed_type.value} "
@@ -234,7 +235,8 @@ class TrainingRun:
             )
         from vgt_core.training.muon import MuonWithAdamW  # it builds on optimizer_groups below
 
-        return MuonWithAdamW(named, hidden, lr=lr, betas=betas, weight_decay=weight_decay, fused=self._fused)
+        group = torch.distributed.group.WORLD if self.accelerator.num_processes > 1 else None
+        return MuonWithAdamW(named, hidden, lr=lr, betas=betas, weight_decay=weight_decay, fused=self._fused, process_group=group)
 
     def clip_gradients(self, parameters: list[nn.Parameter], max_norm: float) -> None:
         """Clip the gradients' global norm to ``max_norm``. Unsharded and without fp16 loss scaling this is torch's
