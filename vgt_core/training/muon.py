@@ -81,6 +81,14 @@ def _balanced(costs: list[float], world: int) -> list[int]:
     return owner
 
 
+def _closure_loss(closure) -> Tensor | None:
+    """torch's optimizer convention: a ``step(closure)`` re-evaluates the loss, with gradients on, and returns it."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 def _tall(matrix: Tensor) -> bool:
     return matrix.size(0) > matrix.size(1)
 
@@ -114,10 +122,7 @@ class BatchedMuon(torch.optim.Muon):
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _closure_loss(closure)
         split = self.process_group is not None and dist.get_world_size(self.process_group) > 1
         world, rank = (dist.get_world_size(self.process_group), dist.get_rank(self.process_group)) if split else (1, 0)
         for group in self.param_groups:
@@ -205,10 +210,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _closure_loss(closure)
         for o in self.optimizers:
             o.step()
         return loss
