@@ -203,6 +203,7 @@ for _ in range(3):
     optimizer.step()
 save_file({str(i): w.detach() for i, w in enumerate(weights)}, f"{sys.argv[1]}/rank{rank}.safetensors")
 open(f"{sys.argv[1]}/rank{rank}.json", "w").write(json.dumps(done))
+dist.barrier()  # neither process tears gloo down while the other still talks to it
 dist.destroy_process_group()
 """
 
